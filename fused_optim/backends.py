@@ -1,0 +1,199 @@
+"""Backends: which are usable here and why not, how ``backend="auto"`` picks one, and the one dispatcher.
+
+* ``reference``: pure PyTorch per tensor (``fused_optim/reference``). Always usable; the oracle of every test.
+* ``triton``: the Triton multi-tensor engine (``kernels/``, imported as ``fused_optim.kernels``). CUDA tensors;
+  CPU tensors only under ``TRITON_INTERPRET=1`` (how CI runs the kernels).
+* ``native``: the compiled extension ``fused_optim._C`` (CUDA kernels and a CPU engine).
+
+``auto`` picks, per group of tensors sharing (device, dtype): native when it is usable for them, else triton,
+else reference, and warns once when a CUDA group falls back to the reference.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+
+NAMES = ("auto", "triton", "native", "reference")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend cannot run here; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Availability
+# ----------------------------------------------------------------------------------------------------------------
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton cannot be imported ({type(exc).__name__}: {exc}); install it with `pip install triton`"
+    return None
+
+
+def triton_unusable(device: torch.device) -> str | None:
+    """Why the triton backend cannot run on ``device``, or None if it can."""
+    err = _triton_import_error()
+    if err:
+        return err
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        if interpret:
+            return ("TRITON_INTERPRET=1 is set: Triton's interpreter runs on CPU tensors only; unset it to run the "
+                    "triton backend on CUDA tensors")
+        return None
+    if device.type == "cpu":
+        if interpret:
+            return None
+        return ("the triton backend runs CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, for "
+                "testing); use backend='native' or 'reference' on CPU")
+    return f"the triton backend does not support device type {device.type!r}"
+
+
+def native_unusable(device: torch.device) -> str | None:
+    """Why the native backend cannot run on ``device``, or None if it can."""
+    return ("the native extension (fused_optim._C) is not part of this version of fused_optim yet; "
+            "use backend='triton' on CUDA or backend='reference'")
+
+
+def unusable(name: str, device: torch.device) -> str | None:
+    if name == "reference":
+        return None
+    if name == "triton":
+        return triton_unusable(device)
+    if name == "native":
+        return native_unusable(device)
+    raise ValueError(f"unknown backend {name!r}; choose one of {NAMES}")
+
+
+def check_name(backend: str) -> str:
+    if backend not in NAMES:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {', '.join(map(repr, NAMES))}")
+    return backend
+
+
+_warned: set = set()
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str) -> str:
+    """The backend that runs a group of tensors on ``device`` with param dtype ``dtype``.
+
+    ``where`` names the tensors for error messages ("param 3 of param group 0"). A named backend that cannot run
+    raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back to the reference.
+    """
+    if requested == "reference":
+        return "reference"
+    if requested in ("triton", "native"):
+        reason = unusable(requested, device)
+        if reason is None and dtype not in KERNEL_DTYPES:
+            reason = (f"its kernels support float32, float16 and bfloat16 params, not {dtype}; "
+                      f"use backend='reference' for {dtype}")
+        if reason:
+            raise BackendUnavailable(f"backend={requested!r} cannot run {where} (on {device}): {reason}")
+        return requested
+    # auto
+    if dtype in KERNEL_DTYPES:
+        for name in ("native", "triton"):
+            if unusable(name, device) is None and (name != "triton" or device.type == "cuda"):
+                return name
+    if device.type == "cuda":
+        why = (f"{dtype} params are not supported by the fused kernels" if dtype not in KERNEL_DTYPES
+               else triton_unusable(device))
+        if (device.type, dtype, why) not in _warned:
+            _warned.add((device.type, dtype, why))
+            warnings.warn(f"fused_optim: backend='auto' falls back to the reference path for {dtype} params on "
+                          f"{device}: {why}", stacklevel=4)
+    return "reference"
+
+
+def report() -> list[dict]:
+    """One row per backend and device type: usable or why not (``python -m fused_optim info``)."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    rows = []
+    for name in ("triton", "native", "reference"):
+        for dev in devices:
+            why = unusable(name, dev)
+            rows.append({"backend": name, "device": dev.type, "usable": why is None, "why": why or ""})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Bucket:
+    """Tensors of one param group that share (device, param dtype, grad dtype): one launch of a fused backend."""
+
+    group: dict
+    group_index: int
+    backend: str
+    device: torch.device
+    param_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    states: list = field(default_factory=list)  # the optimizer's per-param state dicts
+
+    @property
+    def key(self) -> tuple:
+        return (self.group_index, self.device, self.param_dtype, self.grad_dtype)
+
+    def operands(self, names) -> dict:
+        """Operand lists by name, in the order a kernel's ``OPERANDS`` lists them; state keys a param does not
+        have (``max_exp_avg_sq`` without amsgrad, ``master_param`` for fp32 params) give ``None``."""
+        out = {}
+        for name in names:
+            if name == "param":
+                out[name] = self.params
+            elif name == "grad":
+                out[name] = self.grads
+            else:
+                out[name] = [s.get(name) for s in self.states]
+        return out
+
+
+def run(bucket: Bucket, rule: str, hp: dict, *, tables: dict, grad_scale=None, found_inf=None) -> None:
+    """Apply update rule ``rule`` with hyperparameters ``hp`` to every tensor of ``bucket``.
+
+    ``tables``: the optimizer's cache of device tables (triton/native), keyed by ``bucket.key``.
+    ``grad_scale``/``found_inf``: GradScaler's device tensors (already on ``bucket.device``), or None.
+    """
+    if bucket.backend == "reference":
+        _run_reference(bucket, rule, hp, grad_scale, found_inf)
+    elif bucket.backend == "triton":
+        _run_triton(bucket, rule, hp, tables, grad_scale, found_inf)
+    else:
+        raise BackendUnavailable(native_unusable(bucket.device))
+
+
+def _run_reference(bucket, rule, hp, grad_scale, found_inf):
+    # The reference reads found_inf on the host: it is the readable spec, not the fast path.
+    if found_inf is not None and float(found_inf) != 0.0:
+        return
+    fn = reference.RULES[rule]
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]  # the positional tensor operands
+    for p, g, st in zip(bucket.params, bucket.grads, bucket.states):
+        operands = {n: st.get(n) for n in names if n not in ("param", "grad")}
+        fn(p, g, **operands, **hp, master_param=st.get("master_param"), grad_scale=grad_scale)
+
+
+def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
+    from . import kernels  # imported on first use: TRITON_INTERPRET must be set before the kernels are defined
+
+    launcher = kernels.RULES[rule]
+    operands = bucket.operands(launcher.OPERANDS)
+    table = tables.get(bucket.key)
+    all_tensors = [t for lst in operands.values() for t in lst]
+    if table is None or table.key != kernels.engine.storage_key(all_tensors):
+        table = kernels.engine.TensorTable.build(operands, bucket.device)
+        tables[bucket.key] = table
+    launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
+             master=bucket.states[0].get("master_param") is not None,
+             grad_scale=grad_scale, found_inf=found_inf)

@@ -1,0 +1,206 @@
+"""The base class of every fused_optim optimizer.
+
+A subclass supplies its update rule's name, its state keys, how to initialize one param's state, and the
+hyperparameters its rule takes; this class does the rest, the same way for every optimizer:
+
+1. walk the param groups and check every param that has a grad (sparse, complex, device, shape, the chosen
+   backend's requirements); any error is raised here, naming the param and its group, before any state is touched;
+2. initialize missing state lazily: ``step`` (float32 scalar tensor on the param's device, as torch's fused Adam),
+   per-element states in fp32 (fp64 for fp64 params), ``master_param`` (fp32) for bf16/fp16 params when the group
+   has ``master_weights=True``;
+3. group the tensors of each param group by (device, param dtype, grad dtype) into buckets and hand each bucket
+   to its backend: one launch per bucket for the fused backends, whatever the number of tensors;
+4. read ``grad_scale`` and ``found_inf`` when a ``torch.amp.GradScaler`` sets them (``_step_supports_amp_scaling``):
+   the kernels unscale the grads and skip the whole step when ``found_inf`` is set, with no host synchronization.
+
+``load_state_dict`` keeps floating-point state in fp32: torch casts every state tensor to the param's dtype,
+which would round the fp32 moments and master weights of a bf16 param to bf16.
+"""
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2); the kernels work on shards. Other tensors are returned as they are."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Per-element optimizer state is fp32, or fp64 for fp64 params (reference backend only)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class; see the module docstring. Subclasses set ``rule`` and ``state_keys`` and implement
+    ``_init_param_state`` and ``_rule_hyperparameters``."""
+
+    rule: str = ""
+    state_keys: tuple = ()  # per-element fp32 state keys, besides "step" and "master_param"
+    _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf instead of unscaling itself
+
+    def __init__(self, params, defaults: dict):
+        backends.check_name(defaults["backend"])
+        super().__init__(params, defaults)
+        self._tables: dict = {}  # device tables of the fused backends, keyed by bucket; rebuilt on storage change
+        # Name the backend problems of a param now rather than at the first step.
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                backends.resolve(group["backend"], p.device, p.dtype, self._where(gi, i))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Groups loaded from torch.optim (or an older fused_optim) lack our keys: take them from the defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        self._tables = {}
+
+    # -- subclass hooks -----------------------------------------------------------------------------------------
+    def _init_param_state(self, p: Tensor, state: dict, group: dict) -> None:
+        """Create the missing per-param state of ``p`` (called lazily, only for keys that are missing)."""
+        raise NotImplementedError
+
+    def _rule_hyperparameters(self, group: dict) -> dict:
+        """Keyword arguments of this optimizer's rule for one param group (floats or 1-element tensors)."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses ---------------------------------------------------------------------------------
+    @staticmethod
+    def _zeros_state(p: Tensor) -> Tensor:
+        return torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _init_common_state(p: Tensor, state: dict, group: dict) -> None:
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+        if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+
+    def _where(self, group_index: int, index: int) -> str:
+        return f"param {index} of param group {group_index}"
+
+    # -- step ---------------------------------------------------------------------------------------------------
+    def _collect(self) -> list:
+        """Check every param with a grad and bucket them; raises before any state is touched."""
+        name = type(self).__name__
+        buckets: dict = {}
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = self._where(gi, i)
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"{name}: {where} has a sparse gradient; {name} supports dense gradients "
+                                       "only (torch.optim.SparseAdam handles sparse embeddings)")
+                if p.is_complex():
+                    raise RuntimeError(f"{name}: {where} is complex ({p.dtype}); {name} supports real params only: "
+                                       "register torch.view_as_real(param) as the parameter instead")
+                if g.device != p.device:
+                    raise RuntimeError(f"{name}: {where} is on {p.device} but its grad is on {g.device}; "
+                                       "move the grad to the param's device")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"{name}: {where} has shape {tuple(p.shape)} but its grad has shape "
+                                       f"{tuple(g.shape)}")
+                lp, lg = _local(p), _local(g)
+                backend = backends.resolve(group["backend"], lp.device, lp.dtype, where)
+                if backend != "reference":
+                    if not lp.is_contiguous() or not lg.is_contiguous():
+                        what = "param" if not lp.is_contiguous() else "grad"
+                        raise RuntimeError(
+                            f"{name}: {where} has a non-contiguous {what} (shape {tuple(lp.shape)}, strides "
+                            f"{lp.stride() if what == 'param' else lg.stride()}); backend={backend!r} updates "
+                            "contiguous tensors only: make the parameter contiguous before creating the optimizer, "
+                            "or use backend='reference'")
+                    if isinstance(lr, Tensor) and lr.device.type != "cpu" and lr.device != lp.device:
+                        raise RuntimeError(f"{name}: the lr tensor of param group {gi} is on {lr.device} but {where} "
+                                           f"is on {lp.device}; keep lr on the params' device or on the CPU")
+                key = (gi, lp.device, lp.dtype, lg.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = backends.Bucket(group, gi, backend, lp.device, lp.dtype, lg.dtype)
+                bucket.params.append(p)
+                bucket.grads.append(g)
+        return list(buckets.values())
+
+    def _group_hyperparameters(self, group: dict, device: torch.device) -> dict:
+        hp = self._rule_hyperparameters(group)
+        lr = hp.get("lr")
+        if isinstance(lr, Tensor):
+            if lr.device != device:
+                hp["lr"] = float(lr)  # a CPU tensor: reading it is no device synchronization
+            elif lr.dim() != 0:
+                hp["lr"] = lr.reshape(())
+        return hp
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        buckets = self._collect()
+        for bucket in buckets:
+            for p in bucket.params:
+                state = self.state[p]
+                self._init_param_state(p, state, bucket.group)
+                bucket.states.append(state)
+            # The kernels see shards (FSDP2); torch's bookkeeping above keeps the DTensors.
+            bucket.params = [_local(p) for p in bucket.params]
+            bucket.grads = [_local(g) for g in bucket.grads]
+            bucket.states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in s.items()}
+                             for s in bucket.states]
+
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        on_device: dict = {}  # GradScaler's tensors, moved once per device
+        for bucket in buckets:
+            dev = bucket.device
+            if dev not in on_device:
+                on_device[dev] = tuple(None if t is None else t.to(dev, non_blocking=True)
+                                       for t in (grad_scale, found_inf))
+            gs, fi = on_device[dev]
+            backends.run(bucket, self.rule, self._group_hyperparameters(bucket.group, dev),
+                         tables=self._tables, grad_scale=gs, found_inf=fi)
+        return loss
+
+    # -- state_dict -------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict saved by this optimizer or by its torch.optim counterpart.
+
+        Same as :meth:`torch.optim.Optimizer.load_state_dict`, except that floating-point state stays fp32
+        (fp64 for fp64 params): torch would cast it to the param's dtype (bf16 moments, bf16 master weights).
+        ``step`` becomes a float32 scalar tensor on the param's device, as the kernels read it there.
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id not in saved_state:
+                continue
+            state = self.state[p]
+            for key, value in saved_state[saved_id].items():
+                if not isinstance(value, Tensor):
+                    if key == "step":
+                        state[key] = torch.tensor(float(value), dtype=torch.float32, device=p.device)
+                    continue
+                if key == "step":
+                    state[key] = value.to(device=p.device, dtype=torch.float32)
+                elif value.is_floating_point():
+                    state[key] = value.to(device=p.device, dtype=state_dtype(p))
+        self._tables = {}

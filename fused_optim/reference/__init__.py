@@ -1,0 +1,12 @@
+"""The reference path: the spec every fused backend is tested against.
+
+Readable per-tensor PyTorch, one function per optimizer, written in the symbols of the algorithm box in the
+optimizer class's docstring. It favours clarity over speed: it may read scalars to the host (``float(step)``),
+loops over tensors in Python, and computes in fp32 for bf16/fp16 params (fp64 for fp64 params).
+"""
+from .adam import adam
+
+# rule name -> per-tensor reference function; the dispatcher looks rules up here.
+RULES = {"adam": adam}
+
+__all__ = ["adam", "RULES"]

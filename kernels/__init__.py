@@ -1,0 +1,14 @@
+"""Triton kernels of fused_optim (imported as ``fused_optim.kernels``).
+
+``engine.py`` is the one multi-tensor engine; each optimizer file holds its ``@triton.jit`` rule and a launcher.
+``RULES`` maps a rule name to its launcher; a launcher's ``OPERANDS`` lists the tensor operands it reads from
+the engine's tables, in order.
+
+Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors (how CI tests them).
+"""
+from . import engine
+from .adam import adam
+
+RULES = {"adam": adam}
+
+__all__ = ["engine", "RULES"]

@@ -1,0 +1,10 @@
+"""Build script: the Python packages (``kernels/`` installs as ``fused_optim.kernels``).
+
+Metadata lives in pyproject.toml.
+"""
+from setuptools import setup
+
+setup(
+    packages=["fused_optim", "fused_optim.reference", "fused_optim.kernels"],
+    package_dir={"fused_optim": "fused_optim", "fused_optim.kernels": "kernels"},
+)
