@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import reference
+from .tables import TensorTable, storage_key
 
 NAMES = ("auto", "triton", "native", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -191,8 +192,8 @@ def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
     operands = bucket.operands(launcher.OPERANDS)
     table = tables.get(bucket.key)
     all_tensors = [t for lst in operands.values() for t in lst]
-    if table is None or table.key != kernels.engine.storage_key(all_tensors):
-        table = kernels.engine.TensorTable.build(operands, bucket.device)
+    if table is None or table.key != storage_key(all_tensors):
+        table = TensorTable.build(operands, bucket.device)
         tables[bucket.key] = table
     launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
              master=bucket.states[0].get("master_param") is not None,

@@ -14,7 +14,10 @@ The math is the algorithm box of :class:`fused_optim.FusedAdam`, in the order of
 Variants are compile-time flags; hyperparameters that change during training (lr, step, grad scale) are runtime
 values, so a scheduler never triggers a recompile. Scalar coefficients (bias corrections, step size, decay
 factor) are computed in fp64 from fp64 hyperparameters, as torch does on the host, and rounded to fp32 once;
-the element math is fp32 with IEEE division and square root (``div_rn``, ``sqrt_rn``) and no FMA contraction.
+the element math is fp32 with IEEE division and square root (``div_rn``, ``sqrt_rn``), no FMA contraction by the
+compiler, and an explicit FMA exactly where torch's kernels use one (lerp, addcmul, add with alpha). That last
+point matters: where g ≈ -λθ the L2 gradient cancels to |g + λθ| ~ eps and the update amplifies a one-ulp
+difference in it by up to lr/eps (tests/tolerances.py).
 
 Bytes per element (fp32 param and grad): read θ, g, m, v and write θ, m, v = 28; with master weights and a bf16
 param: read θ32, g16, m, v and write θ32, θ16, m, v = 28; unscaling with a GradScaler writes g back: +4.
@@ -30,18 +33,23 @@ from . import engine
 
 @triton.jit
 def _lerp(start, end, weight):
-    # torch's lerp: the formula switches at weight 0.5 so that both ends are exact.
+    # torch's lerp: the formula switches at weight 0.5 so that both ends are exact; torch evaluates each branch
+    # as one FMA (vectorized fmadd on CPU, contracted by nvcc on CUDA), and so do we.
     if weight < 0.5:
-        return start + weight * (end - start)
+        return tl.fma(weight, end - start, start)
     else:
-        return end - (end - start) * (1.0 - weight)
+        return tl.fma(-(end - start), 1.0 - weight, end)
 
 
 @triton.jit
 def adam_moments(g, m, v, beta1_c, one_minus_beta1, beta2_c, one_minus_beta2):
-    """The Adam moment update, shared with LAMB: m = lerp(m, g, 1 - β1); v = β2 v + (1 - β2) g²."""
+    """The Adam moment update, shared with LAMB: m = lerp(m, g, 1 - β1); v = β2 v + (1 - β2) g².
+
+    Rounded as torch rounds ``exp_avg.lerp_(g, 1 - β1)`` and ``exp_avg_sq.mul_(β2).addcmul_(g, g, 1 - β2)``:
+    addcmul is fma((1 - β2) g, g, β2 v).
+    """
     m = _lerp(m, g, one_minus_beta1)
-    v = v * beta2_c + one_minus_beta2 * g * g
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2_c)
     return m, v
 
 
@@ -72,7 +80,7 @@ def _adam_elements(
         if DECOUPLED:
             theta = theta * decay
         else:
-            g = g + wd * theta
+            g = tl.fma(wd, theta, g)  # torch's grad.add(param, alpha=wd) is one FMA
 
     m = engine.load(exp_avg, offs, mask, MASKED)
     v = engine.load(exp_avg_sq, offs, mask, MASKED)

@@ -32,17 +32,13 @@ Run under ``TRITON_INTERPRET=1`` with CPU tensors, the same code is what CI test
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-# Elements per program. 4096 fp32 elements = 16 KB per operand, 32 elements (eight 16-byte vectors) per thread
-# at 4 warps: large enough to hide DRAM latency with a few programs per SM, small enough that the tail block of
-# a 4,096-element tensor wastes nothing. The interpreter runs one Python call per program, so CPU tests use
-# the same constant with small tensors; tests pass an explicit smaller block to cross block boundaries cheaply.
-DEFAULT_BLOCK = 4096
+from fused_optim.tables import DEFAULT_BLOCK, TensorTable, storage_key  # noqa: F401  (re-exported)
+
+# 4 warps x 32 threads with BLOCK = 4096: 32 elements (eight 16-byte vectors of fp32) per thread.
 NUM_WARPS = 4
 
 _TORCH_TO_TL = {
@@ -140,84 +136,12 @@ def last_block_of_tensor(arrivals, t, numels, BLOCK: tl.constexpr):
     return last
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Host side.
-# --------------------------------------------------------------------------------------------------------------
-def storage_key(tensors) -> tuple:
-    """What a cached table depends on: every operand's address and size. ``None`` entries stay ``None``."""
-    return tuple(0 if t is None else (t.data_ptr(), t.numel()) for t in tensors)
-
-
-@dataclass
-class TensorTable:
-    """Device tables for one launch group. Build with :meth:`build`; keep and reuse while the key matches."""
-
-    key: tuple
-    ptrs: dict  # operand name -> int64 device tensor [n_tensors] of addresses (0 for an absent operand)
-    numels: torch.Tensor  # int64 [n_tensors]
-    block_tensor: torch.Tensor  # int32 [n_blocks]
-    block_start: torch.Tensor  # int64 [n_blocks], element offset of the block inside its tensor
-    first_block: torch.Tensor  # int32 [n_tensors + 1], block range of each tensor (for per-tensor reductions)
-    arrivals: torch.Tensor  # int32 [n_tensors], zeroed, see module docstring
-    n_tensors: int
-    n_blocks: int
-    block: int
-    aligned: bool  # every address is a multiple of 16 bytes (see ``operand``)
-    _host: torch.Tensor | None = None  # the pinned staging buffer, kept alive until the async copy is done
-
-    @classmethod
-    def build(cls, operands: dict, device: torch.device, block: int = DEFAULT_BLOCK) -> "TensorTable":
-        """``operands`` maps a name to a list of tensors (or ``None``s for an absent operand); every list has one
-        entry per tensor of the group, and the first list gives the element counts."""
-        names = list(operands)
-        lists = [operands[n] for n in names]
-        count = len(lists[0])
-        if any(len(lst) != count for lst in lists):
-            raise ValueError("every operand list of a TensorTable needs one entry per tensor")
-        numels = [t.numel() for t in lists[0]]
-        blocks_per = [max(1, -(-n // block)) for n in numels]
-        n_blocks = sum(blocks_per)
-        block_tensor, block_start, first_block = [], [], [0]
-        for i, nb in enumerate(blocks_per):
-            block_tensor.extend([i] * nb)
-            block_start.extend(range(0, nb * block, block))
-            first_block.append(first_block[-1] + nb)
-
-        # One int64 host buffer, one host->device copy; the device tables are views into it.
-        pieces = [[0 if t is None else t.data_ptr() for t in lst] for lst in lists]
-        pieces += [numels, block_start, block_tensor, first_block, [0] * count]
-        flat = [v for piece in pieces for v in piece]
-        host = torch.tensor(flat, dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-            dev = host.to(device, non_blocking=True)
-        else:
-            dev = host.to(device)
-        views, at = [], 0
-        for piece in pieces:
-            views.append(dev[at:at + len(piece)])
-            at += len(piece)
-        ptrs = dict(zip(names, views[: len(names)]))
-        numels_t, start_t, btensor_t, first_t, arrivals_t = views[len(names):]
-        return cls(
-            key=storage_key([t for lst in lists for t in lst]),
-            ptrs=ptrs,
-            numels=numels_t,
-            block_tensor=btensor_t.to(torch.int32),
-            block_start=start_t,
-            first_block=first_t.to(torch.int32),
-            arrivals=arrivals_t.to(torch.int32),
-            n_tensors=count,
-            n_blocks=n_blocks,
-            block=block,
-            aligned=all(v % 16 == 0 for piece in pieces[: len(names)] for v in piece),
-            _host=host if device.type == "cuda" else None,
-        )
-
-
 LAUNCHES = {"count": 0}  # counted by tests: the number of launches must not grow with the number of tensors
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Host side: the tables are built by fused_optim.tables (shared with the native backend); this launches.
+# --------------------------------------------------------------------------------------------------------------
 def launch(kernel, table: TensorTable, *args, **constexprs):
     """Launch ``kernel`` once over the whole block map of ``table``.
 
