@@ -140,6 +140,48 @@ LAUNCHES = {"count": 0}  # counted by tests: the number of launches must not gro
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Deterministic per-segment reductions (LAMB's per-tensor norms, Adafactor's row/column statistics, global norms).
+# A pass writes one partial sum per block (or tile) into a buffer; ``segment_sum`` then adds, for each segment, its
+# contiguous range of partials in a fixed order. Same inputs, bitwise the same sums, on every run: there is no
+# float atomic. The reduction is a separate, visible launch between passes, so that under FSDP an all-reduce over
+# the sharded mesh dimensions can be inserted on its output.
+# --------------------------------------------------------------------------------------------------------------
+SEGMENT_CHUNK = 1024
+
+
+@triton.jit
+def _segment_sum_kernel(partials, seg_start, out, n_partials, n_segments, CHUNK: tl.constexpr):
+    """out[q, s] = sum(partials[q, seg_start[s] : seg_start[s + 1]]) for quantity q = program_id(1)."""
+    s = tl.program_id(0)
+    q = tl.program_id(1).to(tl.int64)
+    lo = tl.load(seg_start + s).to(tl.int64)
+    hi = tl.load(seg_start + s + 1).to(tl.int64)
+    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    row = partials + q * n_partials
+    for i in range(lo, hi, CHUNK):
+        offs = i + tl.arange(0, CHUNK).to(tl.int64)
+        acc += tl.load(row + offs, mask=offs < hi, other=0.0)
+    tl.store(out + q * n_segments + s, tl.sum(acc, axis=0))
+
+
+def segment_sum(partials: torch.Tensor, seg_start: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-segment sums of ``partials`` (fp32, shape ``[Q, P]``): ``out[q, s]`` sums
+    ``partials[q, seg_start[s]:seg_start[s+1]]`` (``seg_start``: int32/int64 ``[S + 1]``, non-decreasing).
+    One launch of S x Q programs; deterministic. With a table, ``seg_start = table.first_block`` gives per-tensor
+    sums of per-block partials."""
+    if partials.dim() == 1:
+        partials = partials.unsqueeze(0)
+    n_q, n_p = partials.shape
+    n_s = seg_start.numel() - 1
+    if out is None:
+        out = torch.empty((n_q, n_s), dtype=torch.float32, device=partials.device)
+    if n_s > 0 and n_q > 0:
+        LAUNCHES["count"] += 1
+        _segment_sum_kernel[(n_s, n_q)](partials, seg_start, out, n_p, n_s, CHUNK=SEGMENT_CHUNK, num_warps=NUM_WARPS)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Host side: the tables are built by fused_optim.tables (shared with the native backend); this launches.
 # --------------------------------------------------------------------------------------------------------------
 def launch(kernel, table: TensorTable, *args, **constexprs):
