@@ -47,12 +47,31 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict):
         backends.check_name(defaults["backend"])
-        super().__init__(params, defaults)
         self._tables: dict = {}  # device tables of the fused backends, keyed by bucket; rebuilt on storage change
-        # Name the backend problems of a param now rather than at the first step.
-        for gi, group in enumerate(self.param_groups):
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, and names the problems of a param now (complex, a backend that cannot run it) rather than
+        at the first step; a group that fails is not added."""
+        super().add_param_group(param_group)
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
+        try:
+            backends.check_name(group["backend"])
             for i, p in enumerate(group["params"]):
-                backends.resolve(group["backend"], p.device, p.dtype, self._where(gi, i))
+                self._check_param(p, gi, i, group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_param(self, p: Tensor, gi: int, i: int, group: dict) -> str:
+        """Checks that do not depend on the grad; returns the backend that will run ``p``."""
+        name, where = type(self).__name__, self._where(gi, i)
+        if p.is_complex():
+            raise RuntimeError(f"{name}: {where} is complex ({p.dtype}); {name} supports real params only: "
+                               "register torch.view_as_real(param) as the parameter instead")
+        lp = _local(p)
+        return backends.resolve(group["backend"], lp.device, lp.dtype, where)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -101,9 +120,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"{name}: {where} has a sparse gradient; {name} supports dense gradients "
                                        "only (torch.optim.SparseAdam handles sparse embeddings)")
-                if p.is_complex():
-                    raise RuntimeError(f"{name}: {where} is complex ({p.dtype}); {name} supports real params only: "
-                                       "register torch.view_as_real(param) as the parameter instead")
+                backend = self._check_param(p, gi, i, group)
                 if g.device != p.device:
                     raise RuntimeError(f"{name}: {where} is on {p.device} but its grad is on {g.device}; "
                                        "move the grad to the param's device")
@@ -111,7 +128,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{name}: {where} has shape {tuple(p.shape)} but its grad has shape "
                                        f"{tuple(g.shape)}")
                 lp, lg = _local(p), _local(g)
-                backend = backends.resolve(group["backend"], lp.device, lp.dtype, where)
                 if backend != "reference":
                     if not lp.is_contiguous() or not lg.is_contiguous():
                         what = "param" if not lp.is_contiguous() else "grad"

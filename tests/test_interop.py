@@ -1,0 +1,227 @@
+"""Drop-in compatibility with torch.optim: state_dict both ways, lr schedulers, GradScaler, keyword checks.
+
+Runs for every usable fused backend (tests/cases.py). Parity bounds: tests/tolerances.py (fp32, 2 ulps of
+params after <= 20 steps is the measured gap; the derived bound is used)."""
+import copy
+import io
+
+import pytest
+import torch
+
+import fused_optim
+from cases import fused_backends
+from conftest import DEVICE
+from tolerances import assert_close_atol, theta_atol
+
+BACKENDS = fused_backends()
+PAIRS = [(fused_optim.FusedAdam, torch.optim.Adam, dict(weight_decay=0.1, amsgrad=True)),
+         (fused_optim.FusedAdamW, torch.optim.AdamW, dict(weight_decay=0.1))]
+
+
+def model(dtype=torch.float32):
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.Tanh(), torch.nn.Linear(31, 3))
+    return m.to(device=DEVICE, dtype=dtype)
+
+
+def train(m, opt, steps, seed, scheduler=None, scaler=None):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 13, generator=gen).to(device=DEVICE, dtype=next(m.parameters()).dtype)
+        opt.zero_grad(set_to_none=True)
+        loss = m(x).float().square().mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def assert_models_close(a, b, steps, lr=1e-2):
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert_close_atol(pa.detach(), pb.detach(), theta_atol([lr] * steps, pb.abs().max().item()), "param")
+
+
+def roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours_cls,torch_cls,kw", PAIRS, ids=["adam", "adamw"])
+def test_state_dict_torch_to_ours(backend, ours_cls, torch_cls, kw):
+    """Train 5 steps with torch.optim, load its state into ours, train 5 more; compare with torch throughout."""
+    m_ref, m_ours = model(), model()
+    ref = torch_cls(m_ref.parameters(), lr=1e-2, foreach=False, **kw)
+    warm = torch_cls(m_ours.parameters(), lr=1e-2, foreach=False, **kw)
+    train(m_ref, ref, 5, seed=0)
+    train(m_ours, warm, 5, seed=0)
+    ours = ours_cls(m_ours.parameters(), lr=1e-2, backend=backend, **kw)
+    ours.load_state_dict(roundtrip(warm.state_dict()))
+    st = ours.state[next(m_ours.parameters())]
+    assert st["step"].dtype == torch.float32 and st["step"].device == next(m_ours.parameters()).device
+    assert float(st["step"]) == 5
+    train(m_ref, ref, 5, seed=1)
+    train(m_ours, ours, 5, seed=1)
+    assert_models_close(m_ours, m_ref, 10)
+    for p_o, p_r in zip(m_ours.parameters(), m_ref.parameters()):
+        assert float(ours.state[p_o]["step"]) == float(ref.state[p_r]["step"]) == 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ours_cls,torch_cls,kw", PAIRS, ids=["adam", "adamw"])
+def test_state_dict_ours_to_torch(backend, ours_cls, torch_cls, kw):
+    """Train 5 steps with ours, load our state into torch.optim, continue; compare with ours throughout."""
+    m_ours, m_torch = model(), model()
+    ours = ours_cls(m_ours.parameters(), lr=1e-2, backend=backend, **kw)
+    first = ours_cls(m_torch.parameters(), lr=1e-2, backend=backend, **kw)
+    train(m_ours, ours, 5, seed=0)
+    train(m_torch, first, 5, seed=0)
+    sd = roundtrip(first.state_dict())
+    assert set(sd["state"][0]) >= {"step", "exp_avg", "exp_avg_sq"}
+    theirs = torch_cls(m_torch.parameters(), lr=1e-2, foreach=False, **kw)
+    theirs.load_state_dict(sd)
+    train(m_ours, ours, 5, seed=1)
+    train(m_torch, theirs, 5, seed=1)
+    assert_models_close(m_torch, m_ours, 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_keeps_fp32_state_for_bf16_params(backend):
+    """torch casts loaded state to the param dtype; ours keeps fp32 moments and the fp32 master copy."""
+    m = model(torch.bfloat16)
+    opt = fused_optim.FusedAdamW(m.parameters(), lr=1e-2, backend=backend, master_weights=True)
+    train(m, opt, 3, seed=0)
+    sd = roundtrip(opt.state_dict())
+    m2 = model(torch.bfloat16)
+    opt2 = fused_optim.FusedAdamW(m2.parameters(), lr=1e-2, backend=backend, master_weights=True)
+    opt2.load_state_dict(sd)
+    for p, p2 in zip(m.parameters(), m2.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "master_param"):
+            assert opt2.state[p2][key].dtype == torch.float32, key
+            assert torch.equal(opt2.state[p2][key], opt.state[p][key]), key
+    # and a torch state with bf16 moments (torch keeps state in the param dtype) is upcast, not kept bf16
+    m3 = model(torch.bfloat16)
+    tor = torch.optim.AdamW(m3.parameters(), lr=1e-2, foreach=False)
+    train(m3, tor, 2, seed=0)
+    assert tor.state[next(m3.parameters())]["exp_avg"].dtype == torch.bfloat16
+    opt3 = fused_optim.FusedAdamW(m3.parameters(), lr=1e-2, backend=backend)
+    opt3.load_state_dict(tor.state_dict())
+    assert opt3.state[next(m3.parameters())]["exp_avg"].dtype == torch.float32
+    train(m3, opt3, 1, seed=1)  # and steps fine from there
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_scheduler(backend):
+    m_ours, m_ref = model(), model()
+    ours = fused_optim.FusedAdamW(m_ours.parameters(), lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(m_ref.parameters(), lr=1e-2, foreach=False)
+    s_ours = torch.optim.lr_scheduler.OneCycleLR(ours, max_lr=2e-2, total_steps=12)
+    s_ref = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=2e-2, total_steps=12)
+    train(m_ours, ours, 12, seed=0, scheduler=s_ours)
+    train(m_ref, ref, 12, seed=0, scheduler=s_ref)
+    assert ours.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+    assert_models_close(m_ours, m_ref, 12, lr=2e-2)
+
+
+def _grad_scaler():
+    return torch.amp.GradScaler(DEVICE.type, init_scale=2.0 ** 10, growth_interval=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_skips_inf_step(backend):
+    """With a GradScaler, ours and torch's fused AdamW take the same steps and skip the same one (inf grad)."""
+    m_ours, m_ref = model(), model()
+    ours = fused_optim.FusedAdamW(m_ours.parameters(), lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(m_ref.parameters(), lr=1e-2, fused=True)
+    sc_ours, sc_ref = _grad_scaler(), _grad_scaler()
+    train(m_ours, ours, 3, seed=0, scaler=sc_ours)
+    train(m_ref, ref, 3, seed=0, scaler=sc_ref)
+
+    p0 = next(m_ours.parameters())
+    before = {k: v.clone() for k, v in ours.state[p0].items()}
+    params_before = [p.detach().clone() for p in m_ours.parameters()]
+    scale_before = sc_ours.get_scale()
+    for m, opt, sc in ((m_ours, ours, sc_ours), (m_ref, ref, sc_ref)):
+        opt.zero_grad()
+        loss = m(torch.full((4, 13), float("inf"), device=DEVICE)).sum()
+        sc.scale(loss).backward()
+        sc.step(opt)
+        sc.update()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(params_before, m_ours.parameters()))
+    for k, v in before.items():
+        assert torch.equal(ours.state[p0][k], v), f"{k} changed in a skipped step"
+    assert float(ours.state[p0]["step"]) == 3
+    assert sc_ours.get_scale() == scale_before / 2
+
+    train(m_ours, ours, 3, seed=1, scaler=sc_ours)
+    train(m_ref, ref, 3, seed=1, scaler=sc_ref)
+    assert_models_close(m_ours, m_ref, 6)
+    assert not hasattr(ours, "grad_scale") and not hasattr(ours, "found_inf")
+
+
+def test_grad_scaler_unscales_grads_in_the_step():
+    """The grad handed to the kernel is divided by the scale, and written back unscaled (as torch's fused)."""
+    backend = BACKENDS[0]
+    p = torch.nn.Parameter(torch.ones(5, device=DEVICE))
+    q = torch.nn.Parameter(torch.ones(5, device=DEVICE))
+    a = fused_optim.FusedAdam([p], lr=0.1, backend=backend)
+    b = fused_optim.FusedAdam([q], lr=0.1, backend="reference")
+    g = torch.arange(1.0, 6.0, device=DEVICE)
+    for opt, t in ((a, p), (b, q)):
+        t.grad = g * 8
+        opt.grad_scale = torch.tensor(8.0, device=DEVICE)
+        opt.found_inf = torch.tensor(0.0, device=DEVICE)
+        opt.step()
+    assert torch.equal(p.grad, g) and torch.equal(q.grad, g)
+    torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def test_signature_matches_torch():
+    """Tools probe signatures: every torch keyword exists with the same default."""
+    import inspect
+    for ours, theirs in ((fused_optim.FusedAdam, torch.optim.Adam), (fused_optim.FusedAdamW, torch.optim.AdamW)):
+        o, t = inspect.signature(ours.__init__).parameters, inspect.signature(theirs.__init__).parameters
+        for name, par in t.items():
+            assert name in o, f"{ours.__name__} lacks keyword {name}"
+            assert o[name].default == par.default, f"{ours.__name__}.{name} default {o[name].default} != {par.default}"
+        assert ours._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1.0), "Invalid learning rate"),
+    (dict(eps=-1.0), "Invalid epsilon"),
+    (dict(betas=(1.0, 0.9)), "Invalid beta parameter at index 0"),
+    (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay"),
+    (dict(backend="cuda"), "Invalid backend"),
+    (dict(foreach=True), "foreach=True"),
+    (dict(fused=False), "always fused"),
+    (dict(differentiable=True), "differentiable"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "1-element"),
+])
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fused_optim.FusedAdamW([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_accepted_torch_keywords():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    opt = fused_optim.FusedAdamW(p, foreach=None, fused=True, capturable=True)
+    assert opt.defaults["capturable"] is True
+    opt = fused_optim.FusedAdam(p, foreach=False, fused=None, betas=(torch.tensor(0.9), torch.tensor(0.99)))
+    assert opt.defaults["betas"] == (0.8999999761581421, 0.9900000095367432)  # float32 tensors, as given
+
+
+def test_deepcopy_and_pickle():
+    m = model()
+    opt = fused_optim.FusedAdamW(m.parameters(), lr=1e-2, backend="reference")
+    train(m, opt, 2, seed=0)
+    opt2 = copy.deepcopy(opt)
+    assert float(opt2.state[next(opt2.param_groups[0]["params"].__iter__())]["step"]) == 2
