@@ -181,3 +181,31 @@ def adam(table: engine.TensorTable, hp: dict, *, param_dtype, grad_dtype, master
 
 
 adam.OPERANDS = OPERANDS
+
+
+def compile_variants():
+    """Variants compiled by kernels/compile_check.py: every flag and dtype path at least once."""
+    def make(param_dtype, grad_dtype, master, lr_tensor=False, scaler=False, **flags):
+        def run():
+            from fused_optim.tables import TensorTable
+            n = 3
+            ops = {name: [torch.zeros(8) for _ in range(n)] for name in OPERANDS}
+            ops["param"] = [torch.zeros(8, dtype=param_dtype) for _ in range(n)]
+            ops["grad"] = [torch.zeros(8, dtype=grad_dtype) for _ in range(n)]
+            ops["step"] = [torch.zeros(()) for _ in range(n)]
+            hp = dict(lr=torch.tensor(1e-3) if lr_tensor else 1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=0.1, amsgrad=False, maximize=False, decoupled_weight_decay=True)
+            hp.update(flags)
+            adam(TensorTable.build(ops, torch.device("cpu")), hp, param_dtype=param_dtype, grad_dtype=grad_dtype,
+                 master=master, grad_scale=torch.ones(()) if scaler else None,
+                 found_inf=torch.zeros(()) if scaler else None)
+        return run
+    return [
+        ("fp32", make(torch.float32, torch.float32, False)),
+        ("fp32-amsgrad-maximize-l2-lr_tensor-scaler",
+         make(torch.float32, torch.float32, False, lr_tensor=True, scaler=True, amsgrad=True, maximize=True,
+              decoupled_weight_decay=False)),
+        ("bf16-master-scaler", make(torch.bfloat16, torch.bfloat16, True, scaler=True)),
+        ("fp16", make(torch.float16, torch.float16, False)),
+        ("bf16-param-fp32-grad", make(torch.bfloat16, torch.float32, False)),
+    ]

@@ -136,7 +136,32 @@ def last_block_of_tensor(arrivals, t, numels, BLOCK: tl.constexpr):
     return last
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Launching. The tables are built by fused_optim.tables (shared with the native backend).
+# --------------------------------------------------------------------------------------------------------------
 LAUNCHES = {"count": 0}  # counted by tests: the number of launches must not grow with the number of tensors
+
+# Set by kernels/compile_check.py: a function (kernel, args, constexprs) that compiles the launch for GPU targets
+# instead of running it, so CI (no GPU) proves that every kernel variant compiles for sm_80 and sm_90.
+COMPILE_ONLY = None
+
+
+def launch_grid(kernel, grid, args, constexprs: dict) -> None:
+    """Every launch of the engine goes through here. FP contraction is off: ``a * b + c`` is two IEEE-rounded
+    ops on the GPU as in the interpreter; a rule that wants an FMA (to round as torch does) writes ``tl.fma``."""
+    LAUNCHES["count"] += 1
+    if COMPILE_ONLY is not None:
+        COMPILE_ONLY(kernel, args, constexprs)
+        return
+    kernel[grid](*args, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
+
+
+def launch(kernel, table: TensorTable, *args, **constexprs):
+    """Launch ``kernel`` once over the whole block map of ``table``; the table's numels, block map and arrival
+    counters follow ``args``, and BLOCK/ALIGNED are added to the constexprs."""
+    launch_grid(kernel, (table.n_blocks,),
+                (*args, table.numels, table.block_tensor, table.block_start, table.arrivals),
+                dict(BLOCK=table.block, ALIGNED=table.aligned, **constexprs))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -176,30 +201,5 @@ def segment_sum(partials: torch.Tensor, seg_start: torch.Tensor, out: torch.Tens
     if out is None:
         out = torch.empty((n_q, n_s), dtype=torch.float32, device=partials.device)
     if n_s > 0 and n_q > 0:
-        LAUNCHES["count"] += 1
-        _segment_sum_kernel[(n_s, n_q)](partials, seg_start, out, n_p, n_s, CHUNK=SEGMENT_CHUNK, num_warps=NUM_WARPS)
+        launch_grid(_segment_sum_kernel, (n_s, n_q), (partials, seg_start, out, n_p, n_s), dict(CHUNK=SEGMENT_CHUNK))
     return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Host side: the tables are built by fused_optim.tables (shared with the native backend); this launches.
-# --------------------------------------------------------------------------------------------------------------
-def launch(kernel, table: TensorTable, *args, **constexprs):
-    """Launch ``kernel`` once over the whole block map of ``table``.
-
-    FP contraction is off, so ``a * b + c`` is two IEEE-rounded ops on the GPU as in the interpreter and in the
-    reference (see tests/README.md, "Why fused may differ from the reference").
-    """
-    LAUNCHES["count"] += 1
-    kernel[(table.n_blocks,)](
-        *args,
-        table.numels,
-        table.block_tensor,
-        table.block_start,
-        table.arrivals,
-        BLOCK=table.block,
-        ALIGNED=table.aligned,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
-        **constexprs,
-    )
