@@ -1,0 +1,192 @@
+"""Comparing a fused backend with the reference path: the tolerances, derived here once.
+
+Used by the test suite (tests/tolerances.py re-exports this module) and by ``python -m fused_optim check``; users
+checking fused results against the reference can use the same functions.
+
+Why fused may differ from the reference at all
+----------------------------------------------
+Both compute the same sequence of fp32 operations on the same fp32 inputs (a bf16/fp16 value widens to fp32
+exactly). The kernels use IEEE-rounded division and square root, no FMA contraction by the compiler, an explicit
+FMA exactly where torch's kernels use one (``lerp``, ``addcmul``, ``add(alpha=)``; measured on torch 2.13 CPU:
+those three match a single-rounding FMA on 100% of 10^5 inputs, ``addcdiv`` matches two roundings), and compute
+the scalar coefficients (bias corrections, step size, decay factor) in fp64 rounded once to fp32, as torch does
+on the host. Remaining differences come from torch's side: its CPU ``sqrt`` is not correctly rounded (one ulp off
+IEEE on ~17% of fp32 inputs in torch 2.13, measured), and CUDA divides by a host scalar as a multiplication by
+its reciprocal. Each changes one operation's result by at most 1 ulp (eps32 = 2^-24 relative). Measured: after
+20 steps, fp32 states agree bitwise and params within 2 ulps.
+
+Matching torch's FMAs is not cosmetic. Where g ~ -lambda*theta the L2 gradient cancels to |g + lambda*theta| ~ eps
+and the update's sensitivity d u / d g = lr * eps / (|g| + eps)^2 reaches lr / eps = 10^6 lr: one ulp of
+difference in that sum moves the param by up to lr. The bf16/fp16 parity tests hit such elements.
+
+fp32 params (and fp32 master weights)
+-------------------------------------
+Per step, the moments m and v pass through ~3 rounded operations each, so they can differ by ~3 eps32 |m|,
+|v| per step, errors of earlier steps decaying by beta < 1 (bounded here by not decaying: a factor N). The update
+u = step_size * m / (sqrt(v) / c + eps) passes through ~5 more operations, and Adam's update is bounded by
+|u| <= lr * (1 - beta1) / sqrt(1 - beta2) when 1 - beta1 > sqrt(1 - beta2), and by lr otherwise (Kingma & Ba
+2015, section 2.1); we use lr * 10 as the bound for every beta of the test table. The param sum theta + u rounds
+once more (ulp(theta) / 2 <= eps32 |theta|). Over N steps, with errors adding up in the worst case:
+
+    |d theta| <= sum over steps of (8 eps32 * 10 lr_t + eps32 * max|theta|)   (+ the L2 term below)
+    |d m|     <= N * 3 eps32 * max|m|,   |d v| <= N * 3 eps32 * max|v|
+
+An L2 weight decay (Adam) adds lambda * d theta to the gradient, i.e. to m: +N * lambda * max|d theta|.
+
+bf16 / fp16 params without master weights
+-----------------------------------------
+The param is rounded to its storage dtype every step. Fused and reference round the same fp32 value unless
+their fp32 values (an ulp or so of fp32 apart) straddle a rounding boundary of the storage dtype: probability
+p ~ 2^-24 / 2^-8 = 2^-16 (bf16) per element and step. Once apart by one ulp u of the storage dtype, both keep
+adding the same update; the grid is translation invariant within a binade, so the gap stays exactly u in absolute
+terms (the decay factor 1 - lr*lambda can shrink it to 0). It does not stay one ulp when the value moves to a
+smaller binade, where ulps are finer: so the gap is measured in ulps at the element's largest magnitude over the
+run, max_t |theta_t| (the reference's trajectory, tracked by ``run_parity``). Two straddles of one element in 20
+steps: expected 190 p^2 n ~ 3e-9 n elements, i.e. a few in a 10^9-param model, none in the test sizes; three:
+~ 1140 p^3 n, never. Bound: 2 ulps at max_t |theta_t|. The fp32 states do not depend on theta except through the
+L2 term.
+
+bf16 / fp16 params with fp32 master weights
+--------------------------------------------
+The master follows the fp32 bound; the param is the master rounded once: 1 ulp of the storage dtype (at the
+current magnitude, hence also at max_t |theta_t|).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["ulp", "theta_atol", "state_atol", "assert_close_atol", "assert_within_ulps", "param_ulps", "run_parity",
+           "adam_parity_checks", "BIG_LR_STEPS", "ParityRun"]
+
+EPS32 = 2.0 ** -24
+UPDATE_BOUND = 10.0  # |u| <= UPDATE_BOUND * lr, see above
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers at |x| (fp32 tensor), with subnormal spacing at the bottom."""
+    info = torch.finfo(dtype)
+    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10, torch.float64: 52}[dtype]
+    ax = x.abs().float().clamp_min(info.smallest_normal)
+    return torch.exp2(torch.floor(torch.log2(ax)) - mant)
+
+
+def theta_atol(lrs, max_abs_theta: float) -> float:
+    """The fp32 param bound over steps with learning rates ``lrs`` (the sum of the per-step bounds)."""
+    return sum(8 * EPS32 * UPDATE_BOUND * lr + EPS32 * max_abs_theta for lr in lrs)
+
+
+def state_atol(steps: int, max_abs: float) -> float:
+    return steps * 3 * EPS32 * max_abs
+
+
+def assert_close_atol(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0.0, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, max_ulps: int, what: str) -> None:
+    """|actual - expected| <= max_ulps ulps of the stored dtype at |expected|, elementwise."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    a, e = actual.float(), expected.float()
+    gap = (a - e).abs() / ulp(torch.maximum(a.abs(), e.abs()), actual.dtype)
+    worst = gap.max().item() if gap.numel() else 0.0
+    assert worst <= max_ulps, f"{what}: {worst:.0f} ulps of {actual.dtype} apart (allowed {max_ulps})"
+
+
+def param_ulps(dtype: torch.dtype, master: bool) -> int:
+    """Allowed gap of a bf16/fp16 param, in ulps of its dtype (see the module docstring)."""
+    return 1 if master else 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a fused backend and the reference side by side (tests/test_parity.py and ``python -m fused_optim check``)
+# ----------------------------------------------------------------------------------------------------------------
+BIG_LR_STEPS = (9, 10)  # steps run at 20x the learning rate
+
+
+class ParityRun(NamedTuple):
+    fused: torch.optim.Optimizer
+    ref: torch.optim.Optimizer
+    fused_params: list
+    ref_params: list
+    lrs: list  # the learning rate of each step
+    ref_max_abs: list  # per param, elementwise max over the run of |theta| of the reference (fp32)
+
+
+def run_parity(cls, backend: str, dtype: torch.dtype, kwargs: dict, *, shapes, grad_scales, device,
+               steps: int = 20, lr=1e-2, master: bool = False, seed: int = 0) -> ParityRun:
+    """Step ``cls(..., backend=backend)`` and ``cls(..., backend="reference")`` side by side on identical grads.
+
+    Params are random in ``dtype`` with ``shapes``; the grads of tensor i are N(0, grad_scales[i]^2); steps in
+    ``BIG_LR_STEPS`` use 20x the learning rate. ``lr`` may be a 1-element tensor (given to the fused optimizer as
+    a tensor on ``device``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    fused_params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    lr_f = lr.detach().clone().to(device) if isinstance(lr, torch.Tensor) else lr
+    fused = cls(fused_params, lr=lr_f, backend=backend, master_weights=master, **kwargs)
+    ref = cls(ref_params, lr=float(lr), backend="reference", master_weights=master, **kwargs)
+    lrs = []
+    max_abs = [p.detach().float().abs() for p in ref_params]
+    for k in range(steps):
+        step_lr = float(lr) * (20.0 if k in BIG_LR_STEPS else 1.0)
+        lrs.append(step_lr)
+        for opt in (fused, ref):
+            group = opt.param_groups[0]
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(step_lr)
+            else:
+                group["lr"] = step_lr
+        for pf, pr, scale in zip(fused_params, ref_params, grad_scales):
+            g = (torch.randn(pf.shape, generator=gen) * scale).to(device=device, dtype=dtype)
+            pf.grad = g.clone()
+            pr.grad = g.clone()
+        fused.step()
+        ref.step()
+        for m, p in zip(max_abs, ref_params):
+            torch.maximum(m, p.detach().float().abs(), out=m)
+    return ParityRun(fused, ref, fused_params, ref_params, lrs, max_abs)
+
+
+def adam_parity_checks(run: ParityRun, dtype, state_keys, l2: float, master: bool):
+    """(what, error, bound) for every param, master copy and state tensor of an Adam-family run, with the bounds
+    derived above. ``l2``: the L2 (coupled) weight decay, 0 for AdamW. Also raises AssertionError on a broken
+    invariant that has no tolerance (state keys, step counts, state dtype)."""
+    fused, ref, fused_params, ref_params, lrs, ref_max_abs = run
+    steps = len(lrs)
+    out = []
+    for i, (pf, pr) in enumerate(zip(fused_params, ref_params)):
+        sf, sr = fused.state[pf], ref.state[pr]
+        if set(sf) != set(sr):
+            raise AssertionError(f"param {i}: state keys {sorted(sf)} != reference {sorted(sr)}")
+        if not (sf["step"].dtype == torch.float32 and sf["step"].dim() == 0):
+            raise AssertionError(f"param {i}: step must be a float32 scalar tensor, got {sf['step']!r}")
+        if not float(sf["step"]) == float(sr["step"]) == steps:
+            raise AssertionError(f"param {i}: step {float(sf['step'])}, reference {float(sr['step'])}, want {steps}")
+        if pr.numel() == 0:
+            continue
+        max_theta = pr.detach().abs().max().item()
+        atol = theta_atol(lrs, max_theta)
+        a, e = pf.detach(), pr.detach()
+        if dtype == torch.float32:
+            out.append((f"param {i}", (a - e).abs().max().item(), atol))
+            d_theta = atol
+        else:
+            at = torch.maximum(ref_max_abs[i], torch.maximum(a.float().abs(), e.float().abs()))
+            gap = (a.float() - e.float()).abs() / ulp(at, dtype)
+            out.append((f"param {i} (ulps of {dtype})", gap.max().item(), float(param_ulps(dtype, master))))
+            d_theta = param_ulps(dtype, master) * ulp(at.max(), dtype).item()
+        if master:
+            out.append((f"param {i} master_param", (sf["master_param"] - sr["master_param"]).abs().max().item(), atol))
+            d_theta = atol
+        for key in state_keys:
+            if key not in sr:
+                continue
+            if sf[key].dtype != torch.float32:
+                raise AssertionError(f"param {i} {key} is {sf[key].dtype}: states are fp32")
+            bound = state_atol(steps, sr[key].abs().max().item()) + steps * l2 * d_theta
+            out.append((f"param {i} {key}", (sf[key].double() - sr[key].double()).abs().max().item(), bound))
+    return out
