@@ -179,9 +179,8 @@ def _run_reference(bucket, rule, hp, grad_scale, found_inf):
     if found_inf is not None and float(found_inf) != 0.0:
         return
     fn = reference.RULES[rule]
-    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]  # the positional tensor operands
     for p, g, st in zip(bucket.params, bucket.grads, bucket.states):
-        operands = {n: st.get(n) for n in names if n not in ("param", "grad")}
+        operands = {n: st.get(n) for n in fn.OPERANDS}
         fn(p, g, **operands, **hp, master_param=st.get("master_param"), grad_scale=grad_scale)
 
 

@@ -3,10 +3,11 @@
 Every Triton optimizer in fused_optim runs through this file. An optimizer file (``adam.py``, ...) holds its
 ``@triton.jit`` update rule and a launcher; the addressing lives here:
 
-* :class:`TensorTable` keeps, for one group of tensors that share (device, dtypes), one int64 address table per
-  operand (param, grad, exp_avg, ...), the element counts, and a block map ``block -> (tensor, element offset)``.
-  The tables are device tensors built once and cached by the caller; they are rebuilt only when a tensor's
-  storage changes. Address tables are read in the kernel as typed pointers
+* :class:`fused_optim.tables.TensorTable` (shared with the native backend) keeps, for one group of tensors that
+  share (device, dtypes), one int64 address table per operand (param, grad, exp_avg, ...), the element counts, and
+  a block map ``block -> (tensor, element offset)``. The tables are device tensors built once and cached by the
+  caller; they are rebuilt only when a tensor's storage changes. Address tables are read in the kernel as typed
+  pointers
   (``tl.load(table + i).to(tl.pointer_type(dtype))``, the pattern of Triton's grouped-GEMM tutorial), so one
   launch covers any number of tensors: there is no 4 KB kernel-argument limit as in torch's fused Adam
   (36 tensors / 320 blocks per launch) or apex (110 tensors).
@@ -16,7 +17,8 @@ Every Triton optimizer in fused_optim runs through this file. An optimizer file 
   out by :func:`round_to`), :func:`last_block_of_tensor` (the per-tensor step counter protocol, below).
   A rule writes its element math once, as a ``@triton.jit`` function with a ``MASKED`` flag, and its kernel
   calls it twice: for full blocks (unmasked, vectorized) and for the tail block.
-* :func:`launch`: one launch over the block map.
+* :func:`launch`: one launch over the block map; :func:`segment_sum`: deterministic per-segment sums of per-block
+  partials (per-tensor norms, row/column statistics), a visible step between passes.
 
 Per-tensor step counters. torch keeps one ``step`` per parameter, and a parameter with no grad in a step does
 not advance, so steps differ between tensors of one launch. The kernel reads each tensor's step from its

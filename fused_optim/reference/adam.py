@@ -79,3 +79,7 @@ def adam(
 
     if theta is not param:
         param.copy_(theta)
+
+
+# The state tensors ``adam`` takes after (param, grad), by state key; the dispatcher passes them by name.
+adam.OPERANDS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
