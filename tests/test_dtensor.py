@@ -1,0 +1,52 @@
+"""FSDP2 keeps params, grads and optimizer state as DTensors; the kernels work on the local shards
+(``to_local()``). Elementwise optimizers need nothing more: a one-process mesh must give the same result as
+plain tensors. (Reducing optimizers such as LAMB and Adafactor add an all-reduce over the shard dimensions.)"""
+import os
+
+import pytest
+import torch
+
+import fused_optim
+from cases import fused_backends
+from conftest import DEVICE
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    from torch.distributed.device_mesh import init_device_mesh
+    store = tmp_path_factory.mktemp("dist") / "store"
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=0, world_size=1)
+    try:
+        yield init_device_mesh(DEVICE.type, (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_dtensor_params_match_plain_tensors(mesh, backend):
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    torch.manual_seed(0)
+    full = [torch.randn(8, 5, device=DEVICE), torch.randn(7, device=DEVICE), torch.randn((), device=DEVICE)]
+    placements = [[Shard(0)], [Shard(0)], [Shard(0)] if full[2].dim() else []]
+    dparams = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, pl or None)) for t, pl in zip(full, placements)]
+    plain = [torch.nn.Parameter(t.clone()) for t in full]
+    od = fused_optim.FusedAdamW(dparams, lr=1e-2, backend=backend, amsgrad=True)
+    op = fused_optim.FusedAdamW(plain, lr=1e-2, backend=backend, amsgrad=True)
+    for _ in range(4):
+        grads = [torch.randn(t.shape, device=DEVICE) for t in full]
+        for p, g, pl in zip(dparams, grads, placements):
+            p.grad = distribute_tensor(g.clone(), mesh, pl or None)
+        for p, g in zip(plain, grads):
+            p.grad = g.clone()
+        od.step()
+        op.step()
+    for d, p in zip(dparams, plain):
+        assert torch.equal(d.full_tensor(), p.detach()), "the same kernel on the same local data"
+        assert isinstance(od.state[d]["exp_avg"], DTensor), "state stays a DTensor, as torch.optim keeps it"
+        assert torch.equal(od.state[d]["max_exp_avg_sq"].full_tensor(), op.state[p]["max_exp_avg_sq"])
+        assert float(od.state[d]["step"]) == 4
