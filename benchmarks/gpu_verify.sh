@@ -16,6 +16,9 @@
 #   cat OUTDIR/*.jsonl >> benchmarks/results/<same name>.jsonl (one file per device), copy the .png next to it,
 #   and run python benchmarks/render_results.py --write.
 # Without a .git folder (a copy of the tree) pass the commit on: FUSED_OPTIM_COMMIT=<sha> benchmarks/gpu_verify.sh OUT
+#
+# GPU_VERIFY_CPU_SMOKE=1 runs the same stages on a machine without a GPU, benchmarks at --quick sizes and without
+# torch.compile: a check of this script itself, not a result.
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -27,6 +30,15 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python}
 DEADLINE=570
+SMOKE=${GPU_VERIFY_CPU_SMOKE:-0}
+QUICK=()
+if [ "$SMOKE" = 1 ]; then
+    QUICK=(--quick)
+    echo "GPU_VERIFY_CPU_SMOKE=1: checking the script; benchmarks at --quick sizes, no results to commit"
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "$0: torch sees no CUDA device; this script is for a GPU machine (GPU_VERIFY_CPU_SMOKE=1 checks it on a CPU)" >&2
+    exit 2
+fi
 FAILED=()
 : >"$OUT/summary.txt"
 
@@ -112,12 +124,13 @@ stage "tests -m 'not gpu'" tests_rest.log $?
 tail -n 3 "$OUT/tests_gpu.log" "$OUT/tests_rest.log"
 
 # -- 4. benchmarks -------------------------------------------------------------------------------------------------
-# About 45 timed configurations, most of them a second or two; torch.compile's compile is the long one.
+# About 40 timed configurations, most of them a second or two; torch.compile's compile is the long one.
 bench() {  # bench CAP RESERVE ARGS...: one sweep, rows appended to OUT
     local cap=$1 reserve=$2
     shift 2
     echo "== python -m fused_optim.bench $*" >>"$OUT/bench.log"
-    timeout "$(limit "$cap" "$reserve")" "$PY" -m fused_optim.bench --out "$OUT" --no-progress "$@" >>"$OUT/bench.log" 2>&1
+    timeout "$(limit "$cap" "$reserve")" "$PY" -m fused_optim.bench --out "$OUT" --no-progress ${QUICK[@]+"${QUICK[@]}"} "$@" \
+        >>"$OUT/bench.log" 2>&1
     stage "bench $*" bench.log $?
 }
 # AdamW fp32, the headline workloads: every provider, eager and captured in a CUDA graph.
@@ -130,7 +143,9 @@ bench 90 70 --optimizer adamw --dtype fp32 --workload llama-1b,huge \
 bench 60 60 --optimizer adamw --dtype bf16-master,bf16 --workload gpt2-small \
     --provider torch-fused,torch-foreach,triton,native --graph
 # torch.compile: one workload (inductor compiles for tens of seconds).
-bench 90 40 --optimizer adamw --dtype fp32 --workload gpt2-small --provider torch-compile
+if [ "$SMOKE" != 1 ]; then
+    bench 90 40 --optimizer adamw --dtype fp32 --workload gpt2-small --provider torch-compile
+fi
 # LAMB and Adafactor, once fused_optim has them.
 OTHERS=$("$PY" -c "from fused_optim.bench import OPTIMIZERS as O; print(','.join(n for n, s in O.items() if n not in ('adamw', 'adam') and s.fused_available()))" 2>/dev/null)
 if [ -n "$OTHERS" ]; then

@@ -265,7 +265,8 @@ def test_torch_ops_lamb_is_lamb():
 # ----------------------------------------------------------------------------------------------------------------
 # The command line, the JSONL file and the renderer
 # ----------------------------------------------------------------------------------------------------------------
-QUICK = ["--quick", "--device", "cpu", "--workload", "gpt2-small", "--steps", "3", "--budget", "0", "--no-progress"]
+QUICK = ["--quick", "--device", "cpu", "--workload", "gpt2-small", "--steps", "3", "--budget", "0", "--copy-mib", "32",
+         "--no-progress"]
 
 
 def test_main_quick_no_save(capsys, tmp_path, monkeypatch):

@@ -50,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, help="untimed steps first (default: 3; 1 on the CPU with --quick)")
     ap.add_argument("--budget", type=float,
                     help="seconds of timed steps per configuration (default: 2; 0.5 with --quick)")
+    ap.add_argument("--threads", type=int,
+                    help="CPU threads torch uses (torch.set_num_threads; the device name records it)")
+    ap.add_argument("--copy-mib", type=int,
+                    help="MiB copied to measure the copy bandwidth (default: 1024 on a GPU, 256 on the CPU; a "
+                         "quarter or half of that with --quick); keep it several times the last-level cache")
     ap.add_argument("--out", type=Path,
                     help="folder of the JSONL rows and the plot (default: benchmarks/results/ of the checkout "
                          "fused_optim runs from, else the current folder)")
@@ -111,6 +116,8 @@ def main(argv: list | None = None) -> int:
         print(list_everything(OPTIMIZERS))
         return 0
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
@@ -153,7 +160,8 @@ def main(argv: list | None = None) -> int:
         min_steps=3 if args.quick else 5,
         budget_s=args.budget if args.budget is not None else (0.5 if args.quick else 2.0),
     )
-    copy_bytes = (128 if args.quick else 256) * 2**20 if cpu else (256 if args.quick else 1024) * 2**20
+    copy_mib = args.copy_mib or ((128 if args.quick else 256) if cpu else (256 if args.quick else 1024))
+    copy_bytes = copy_mib * 2**20
 
     todo, skipped = harness.plan(specs, workloads, dtypes, providers, device, graph_modes, quick=args.quick,
                                  explicit_providers=providers is not None,

@@ -370,7 +370,8 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     model = model or platform.processor() or platform.machine() or "unknown"
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU {model} ({n} thread{'s' if n != 1 else ''})"
 
 
 def slug(name: str) -> str:
@@ -683,6 +684,8 @@ def run_config(c: Config, device: torch.device, policy: TimingPolicy, *, quick: 
     finally:
         del graphs, flush
         steps = params = None
+        if c.provider.compiles:  # dynamo's code cache holds the compiled step, and through it the params
+            torch._dynamo.reset()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -868,7 +871,7 @@ def plot(rows, path: Path) -> str | None:
     if not rows:
         return "no rows to plot"
     panels = sorted({(r["optimizer"], r["dtype"]) for r in rows})
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
     wl_order = list(WORKLOADS)
     for ax, (opt, dt) in zip(axes[:, 0], panels):
         sub = [r for r in rows if r["optimizer"] == opt and r["dtype"] == dt]
@@ -885,14 +888,17 @@ def plot(rows, path: Path) -> str | None:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(hit[-1]["bw_fraction"])
             color = cmap(PROVIDER_ORDER.index(prov) % 10 if prov in PROVIDER_ORDER else 9)
-            ax.bar(xs, ys, width, label=prov + (" (graph)" if graph else ""), color=color,
-                   hatch="//" if graph else None, edgecolor="black", linewidth=0.4)
+            bars = ax.bar(xs, ys, width, label=prov + (" (graph)" if graph else ""), color=color,
+                          hatch="//" if graph else None, edgecolor="black", linewidth=0.4)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
         ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(workloads)))
-        ax.set_xticklabels(workloads)
-        ax.set_ylabel("bw_fraction (GB/s / copy GB/s)")
+        sizes = {r["workload"]: _human(r.get("n_params")) for r in sub}
+        ax.set_xticklabels([f"{wl} ({sizes[wl]} params)" for wl in workloads])
+        ax.set_ylabel("bw_fraction")
+        ax.set_ylim(0, max(1.1, max(r["bw_fraction"] for r in sub) * 1.1))
         ax.set_title(f"{opt}, {dt}", fontsize=10)
-        ax.legend(fontsize=7, ncol=4, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     def _summary(key):
         values = sorted({str(r[key]) for r in rows})
         return ", ".join(values[:3]) + (f" (+{len(values) - 3})" if len(values) > 3 else "")
