@@ -154,7 +154,7 @@ else
     note "skip   LAMB / Adafactor benchmarks: fused_optim has neither FusedLAMB nor FusedAdafactor yet"
 fi
 # The CPU providers on this host's cores (the native CPU engine against torch's CPU AdamW).
-bench 45 5 --device cpu --optimizer adamw --dtype fp32 --workload gpt2-small,many-small \
+bench 60 5 --device cpu --optimizer adamw --dtype fp32 --workload gpt2-small,many-small \
     --provider torch-fused,torch-foreach,native --steps 10
 
 # -- 5. summary ----------------------------------------------------------------------------------------------------
