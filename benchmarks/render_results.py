@@ -106,7 +106,7 @@ def render(rows, link_base: Path) -> str:
         sub.sort(key=lambda r: (_rank(r["optimizer"], OPTIMIZER_ORDER), _rank(r["workload"], WORKLOAD_ORDER),
                                 r.get("n_params") or 0, _rank(r["dtype"], DTYPE_ORDER), bool(r["graph"]),
                                 _rank(r["provider"], PROVIDER_ORDER)))
-        out += [f"### {device}" + ("" if is_gpu(device) else " (CPU)"), ""]
+        out += [f"### {device}", ""]
         runs = sorted({(r["date"], r["commit"], r["torch"], r["triton"], r["copy_gbps"]) for r in sub})
         out.append("Runs shown (latest row of each configuration):")
         out.append("")

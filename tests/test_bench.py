@@ -318,7 +318,7 @@ def test_rows_round_trip_through_jsonl_and_renderer(tmp_path, capsys):
     text = readme.read_text()
     assert text.startswith("# x\n\n## Results\n<!-- results:begin -->\n") and text.endswith("<!-- results:end -->\n\nafter\n")
     assert "No GPU results are committed yet" in text  # only CPU rows here
-    assert f"### {rows[0]['device']} (CPU)" in text
+    assert f"### {rows[0]['device']}\n" in text
     assert f"commit `{rows[0]['commit']}`" in text
     line = next(ln for ln in text.splitlines() if "| torch-foreach |" in ln)
     cells = [c.strip() for c in line.strip("|").split("|")]

@@ -10,7 +10,7 @@ Byte model (per parameter, one step; the floor a single fused pass can reach):
 
 torch.optim providers: AdamW with ``foreach=False`` (for-loop), ``foreach=True``, ``fused=True``, and the foreach
 step under ``torch.compile``. For bf16-master they run on fp32 copies of the params (see
-:func:`harness.torch_provider`): 16 B/param more than the model, which their ``bw_fraction`` shows.
+:func:`harness.torch_provider`): 40 B/param instead of the model's 28, which their ``bw_fraction`` shows.
 """
 from __future__ import annotations
 

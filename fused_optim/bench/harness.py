@@ -137,7 +137,7 @@ def gpt2_small_shapes(quick: bool = False) -> list[tuple]:
 def llama_1b_shapes(quick: bool = False) -> list[tuple]:
     """A LLaMA-style stack with the shapes of Llama 3.2 1B: d 2,048, 16 layers, 32 query / 8 key-value heads of
     64, SwiGLU 8,192, vocab 128,256, embeddings tied, RMSNorm without bias: 1,235,814,400 params in 146 tensors.
-    Quick: the same 146 tensors with d 128, kv 32, ffn 512, vocab 2,048 (1.4M params)."""
+    Quick: the same 146 tensors with d 128, kv 32, ffn 512, vocab 2,048 (4.07M params)."""
     d, kv, ffn, vocab, layers = (128, 32, 512, 2048, 16) if quick else (2048, 512, 8192, 128256, 16)
     shapes = [(vocab, d)]  # embed_tokens (tied LM head)
     for _ in range(layers):
@@ -256,9 +256,10 @@ def torch_provider(name: str, make: Callable[[list, Case], torch.optim.Optimizer
     """A provider built from a torch.optim-style optimizer ``make(params, case)``.
 
     bf16-master: torch.optim has no master weights, so the optimizer runs on fp32 copies of the params; the step
-    casts the bf16 grads into the copies' fp32 grads, steps, and copies the fp32 params back to bf16 (the usual
-    mixed-precision recipe; 16 B/param more traffic than a fused master-weight kernel). ``per_tensor_copy``: do
-    those copies one tensor at a time (for the for-loop provider) instead of with ``torch._foreach_copy_``.
+    casts the bf16 grads into the copies' fp32 grads, steps, and copies the fp32 params back to bf16, the usual
+    mixed-precision recipe: cast (read g2, write g4) + fp32 step (28) + copy back (read master4, write p2) =
+    40 B/param instead of a fused kernel's 28. ``per_tensor_copy``: do those copies one tensor at a time (for the
+    for-loop provider) instead of with ``torch._foreach_copy_``.
     ``compile``: the whole step (copies included) is ``torch.compile``d.
     """
 
