@@ -26,6 +26,16 @@ from fused_optim.bench import harness
 from fused_optim.bench.harness import DTYPES, WORKLOADS, Case, TimingPolicy, Unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a busy CI machine torch's multi-threaded CPU kernels wait at every per-tensor barrier for
+    a descheduled thread (seconds per step), and these tests time only to check the bookkeeping."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 CPU = torch.device("cpu")
 FAST = TimingPolicy(warmup=1, max_steps=3, min_steps=3, budget_s=0.0)
 EXTRA_KEYS = ("n_params", "n_tensors", "ratio_to_torch_fused")
@@ -92,8 +102,12 @@ def quick_sweep():
                                  ["torch-fused", "torch-foreach", "reference"], CPU, [False], quick=True,
                                  explicit_providers=True, explicit_workloads=True)
     assert [c.provider.name for c in todo] == ["torch-fused", "torch-foreach", "reference"]  # baseline first
-    result = harness.run_sweep(todo, CPU, FAST, quick=True, copy_bytes=32 * 2**20, progress=False)
-    return result
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _one_thread
+    try:
+        return harness.run_sweep(todo, CPU, FAST, quick=True, copy_bytes=32 * 2**20, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_quick_sweep_rows(quick_sweep):
@@ -190,6 +204,21 @@ def test_gpu_only_paths_are_unavailable_on_cpu(monkeypatch):
         native.build(Case(params, DTYPES["fp32"], CPU, capturable=False))()
 
 
+def test_cuda_plan_times_eager_then_graph_with_torch_fused_first():
+    # Planning touches no device, so the GPU sweep's plan is checked here too.
+    todo, skipped = harness.plan([bench.OPTIMIZERS["adamw"]], [WORKLOADS["gpt2-small"]], [DTYPES["fp32"]], None,
+                                 torch.device("cuda"), [False, True], quick=False, explicit_providers=False,
+                                 explicit_workloads=False)
+    got = [(c.provider.name, c.graph) for c in todo]
+    assert got == [("torch-fused", False), ("torch-forloop", False), ("torch-foreach", False),
+                   ("torch-compile", False), ("triton", False), ("native", False),
+                   ("torch-fused", True), ("torch-forloop", True), ("torch-foreach", True),
+                   ("triton", True), ("native", True)]
+    reasons = dict((str(what), why) for what, why in skipped)
+    assert "reduce-overhead" in reasons["torch-compile graph"]
+    assert "default cuda sweep" in reasons["reference"]
+
+
 def test_fused_optim_has_no_bf16_state_configuration():
     params = harness.make_params([(8,)], DTYPES["bf16"], CPU)
     with pytest.raises(Unavailable, match="fp32"):
@@ -266,7 +295,7 @@ def test_torch_ops_lamb_is_lamb():
 # The command line, the JSONL file and the renderer
 # ----------------------------------------------------------------------------------------------------------------
 QUICK = ["--quick", "--device", "cpu", "--workload", "gpt2-small", "--steps", "3", "--budget", "0", "--copy-mib", "32",
-         "--no-progress"]
+         "--threads", "1", "--no-progress"]
 
 
 def test_main_quick_no_save(capsys, tmp_path, monkeypatch):
@@ -331,9 +360,12 @@ def test_rows_round_trip_through_jsonl_and_renderer(tmp_path, capsys):
     assert render.main(args + ["--check"]) == 1  # a hand edit is caught
 
     # Appending keeps earlier rows; the renderer shows the latest of each configuration.
-    assert bench.main(QUICK + ["--provider", "torch-fused", "--out", str(out_dir)]) == 0
+    later = dict(rows[0], date="2999-01-01T00:00:00Z", ms=12345.0)
+    harness.append_jsonl(files[0], [later])
     assert len(files[0].read_text().splitlines()) == 3
-    assert sum("| torch-fused |" in ln for ln in render.render(render.read_rows(out_dir), tmp_path).splitlines()) == 1
+    fused_lines = [ln for ln in render.render(render.read_rows(out_dir), tmp_path).splitlines()
+                   if "| torch-fused |" in ln]
+    assert len(fused_lines) == 1 and "| 1.234e+04 |" in fused_lines[0]
 
 
 def test_renderer_without_results_says_so(tmp_path, capsys):
