@@ -170,17 +170,31 @@ def main(argv: list | None = None) -> int:
     if cpu and not torch.cuda.is_available():
         print("no CUDA device: GPU providers and GPU workloads are unavailable (reasons below); timing the CPU "
               "providers at CPU sizes" + (" (--quick: tiny sizes)" if args.quick else ""))
-    print(f"{len(todo)} configurations; rows -> {'(not saved)' if args.no_save else jsonl}")
+    print(f"{len(todo)} configurations; rows -> {'(not saved)' if args.no_save else jsonl}", flush=True)
 
-    on_row = None if args.no_save else (lambda row: harness.append_jsonl(jsonl, [row]))
-    result = harness.run_sweep(todo, device, policy, quick=args.quick, copy_bytes=copy_bytes, on_row=on_row,
-                               progress=args.progress)
+    bar = args.progress and sys.stderr.isatty()
+    done = [0]
 
-    print(harness.format_table(result.rows, result.copy_gbps, result.device))
+    def on_row(row):
+        if not args.no_save:
+            harness.append_jsonl(jsonl, [row])
+        done[0] += 1
+        if not bar:  # a log file: one line per measured configuration, as it comes
+            print(f"  {row['optimizer']} {row['workload']} {row['dtype']} {row['provider']}"
+                  f"{' graph' if row['graph'] else ''}: {row['ms']:.4g} ms, bw_fraction {row['bw_fraction']:.3f}",
+                  flush=True)
+
+    if todo:
+        result = harness.run_sweep(todo, device, policy, quick=args.quick, copy_bytes=copy_bytes, on_row=on_row,
+                                   progress=bar)
+        print(f"copy bandwidth: {result.copy_gbps:.1f} GB/s (read + write; {copy_mib} MiB copy, median of 20)")
+    else:
+        result = harness.SweepResult(device=dev_name)
+    print(harness.format_table(result.rows) if result.rows else "no configuration ran")
     unavailable = skipped + result.skipped
     if unavailable:
         print("\nunavailable here:")
-        for what, why in harness._dedupe(unavailable):
+        for what, why in harness.dedupe(unavailable):
             print(f"  {what}: {why}")
     if result.errors:
         print("\nerrors:")

@@ -640,10 +640,11 @@ def plan(specs, workloads, dtypes, providers, device: torch.device, graph_modes,
                             skipped.append((f"{prov.name} graph", prov.graph_reason or "cannot be captured"))
                         else:
                             todo.append(c)
-    return todo, _dedupe(skipped)
+    return todo, dedupe(skipped)
 
 
-def _dedupe(items):
+def dedupe(items):
+    """(what, why) pairs without repeats, in order."""
     seen, out = set(), []
     for it in items:
         key = (str(it[0]), it[1])
