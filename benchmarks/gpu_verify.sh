@@ -36,7 +36,8 @@ if [ "$SMOKE" = 1 ]; then
     QUICK=(--quick)
     echo "GPU_VERIFY_CPU_SMOKE=1: checking the script; benchmarks at --quick sizes, no results to commit"
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "$0: torch sees no CUDA device; this script is for a GPU machine (GPU_VERIFY_CPU_SMOKE=1 checks it on a CPU)" >&2
+    echo "$0: torch sees no CUDA device; this script is for a GPU machine" \
+        "(GPU_VERIFY_CPU_SMOKE=1 checks it on a CPU)" >&2
     exit 2
 fi
 FAILED=()
@@ -129,8 +130,8 @@ bench() {  # bench CAP RESERVE ARGS...: one sweep, rows appended to OUT
     local cap=$1 reserve=$2
     shift 2
     echo "== python -m fused_optim.bench $*" >>"$OUT/bench.log"
-    timeout "$(limit "$cap" "$reserve")" "$PY" -m fused_optim.bench --out "$OUT" --no-progress ${QUICK[@]+"${QUICK[@]}"} "$@" \
-        >>"$OUT/bench.log" 2>&1
+    timeout "$(limit "$cap" "$reserve")" "$PY" -m fused_optim.bench --out "$OUT" --no-progress \
+        ${QUICK[@]+"${QUICK[@]}"} "$@" >>"$OUT/bench.log" 2>&1
     stage "bench $*" bench.log $?
 }
 # AdamW fp32, the headline workloads: every provider, eager and captured in a CUDA graph.
@@ -147,7 +148,8 @@ if [ "$SMOKE" != 1 ]; then
     bench 90 40 --optimizer adamw --dtype fp32 --workload gpt2-small --provider torch-compile
 fi
 # LAMB and Adafactor, once fused_optim has them.
-OTHERS=$("$PY" -c "from fused_optim.bench import OPTIMIZERS as O; print(','.join(n for n, s in O.items() if n not in ('adamw', 'adam') and s.fused_available()))" 2>/dev/null)
+OTHERS=$("$PY" -c "from fused_optim.bench import OPTIMIZERS as O
+print(','.join(n for n, s in O.items() if n not in ('adamw', 'adam') and s.fused_available()))" 2>/dev/null)
 if [ -n "$OTHERS" ]; then
     bench 60 25 --optimizer "$OTHERS" --dtype fp32 --workload gpt2-small,many-small
 else

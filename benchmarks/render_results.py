@@ -121,7 +121,8 @@ def render(rows, link_base: Path) -> str:
         for r in sub:
             compile_note = f" (compile {r['compile_s']:.0f} s)" if r.get("compile_s") is not None else ""
             out.append(
-                f"| {r['optimizer']} | {r['workload']} | {_params(r.get('n_params'))} | {_num(r.get('n_tensors'), 'd')} "
+                f"| {r['optimizer']} | {r['workload']} | {_params(r.get('n_params'))} "
+                f"| {_num(r.get('n_tensors'), 'd')} "
                 f"| {r['dtype']} | {r['provider']}{compile_note} | {'yes' if r['graph'] else 'no'} "
                 f"| {_num(r['ms'], '.4g')} | {_num(r['gbps'], ',.1f')} | {_num(r['bw_fraction'], '.3f')} "
                 f"| {_num(r.get('ratio_to_torch_fused'), '.2f')} |")

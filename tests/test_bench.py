@@ -345,7 +345,8 @@ def test_rows_round_trip_through_jsonl_and_renderer(tmp_path, capsys):
     assert render.main(args + ["--write"]) == 0
     assert render.main(args + ["--check"]) == 0
     text = readme.read_text()
-    assert text.startswith("# x\n\n## Results\n<!-- results:begin -->\n") and text.endswith("<!-- results:end -->\n\nafter\n")
+    assert text.startswith("# x\n\n## Results\n<!-- results:begin -->\n")
+    assert text.endswith("<!-- results:end -->\n\nafter\n")
     assert "No GPU results are committed yet" in text  # only CPU rows here
     assert f"### {rows[0]['device']}\n" in text
     assert f"commit `{rows[0]['commit']}`" in text

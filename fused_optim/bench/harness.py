@@ -481,7 +481,7 @@ def _wall(fn, device) -> float:
 
 
 def capture_graphs(steps: Sequence[Callable], device: torch.device, warmup: int) -> tuple[list, list]:
-    """Capture each step function in its own CUDA graph; return the replay functions and the warm-up times.
+    """Capture each step function in its own CUDA graph; return the graphs and the warm-up times.
 
     The warm-up runs on a side stream, as capture requires: it initializes the optimizer state lazily, lets the
     caching allocator settle and JIT-compiles kernels before anything is recorded.
