@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", type=float,
                     help="seconds of timed steps per configuration (default: 2; 0.5 with --quick)")
     ap.add_argument("--threads", type=int,
-                    help="CPU threads torch uses (torch.set_num_threads; the device name records it)")
+                    help="CPU threads torch uses (torch.set_num_threads; the device name records it; default: "
+                         "torch's, 1 with --quick on the CPU)")
     ap.add_argument("--copy-mib", type=int,
                     help="MiB copied to measure the copy bandwidth (default: 1024 on a GPU, 256 on the CPU; a "
                          "quarter or half of that with --quick); keep it several times the last-level cache")
@@ -116,9 +117,13 @@ def main(argv: list | None = None) -> int:
         print(list_everything(OPTIMIZERS))
         return 0
 
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    elif args.quick and device.type == "cpu":
+        # A smoke test on a shared CI machine: torch's multi-threaded CPU kernels wait at every per-tensor barrier
+        # for a descheduled thread there (a 674K-param step took 1 s at 2 threads on 2 busy cores, 8 ms at 1).
+        torch.set_num_threads(1)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
