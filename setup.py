@@ -5,6 +5,6 @@ Metadata lives in pyproject.toml.
 from setuptools import setup
 
 setup(
-    packages=["fused_optim", "fused_optim.reference", "fused_optim.kernels"],
+    packages=["fused_optim", "fused_optim.reference", "fused_optim.kernels", "fused_optim.bench"],
     package_dir={"fused_optim": "fused_optim", "fused_optim.kernels": "kernels"},
 )

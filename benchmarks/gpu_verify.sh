@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# benchmarks/gpu_verify.sh OUTDIR: everything that needs a GPU, in one call, on a bare GPU machine with torch,
+# triton, nvcc and ninja and no network. Finishes inside 10 minutes on an H100 (each stage has a time limit and
+# the whole script a deadline of 570 s); everything it produces goes to OUTDIR:
+#
+#   env.txt                       GPU, driver, CUDA, versions, commit, git status
+#   build.log                     pip install --no-build-isolation --no-deps -e . (builds csrc/ when it has sources)
+#   tests_gpu.log                 pytest -m gpu                      (TRITON_INTERPRET unset)
+#   tests_rest.log                pytest -m "not gpu"                (the rest of the suite, TRITON_INTERPRET unset)
+#   bench.log                     the benchmark sweep's tables
+#   <device>.jsonl, <device>.png  its rows and bw_fraction plot (also a CPU file: the CPU providers on this host)
+#   summary.txt                   one line per stage; the exit status is nonzero when the build, a test or a
+#                                 benchmark failed
+#
+# Run it on the exact code you commit, then commit the rows:
+#   cat OUTDIR/*.jsonl >> benchmarks/results/<same name>.jsonl (one file per device), copy the .png next to it,
+#   and run python benchmarks/render_results.py --write.
+# Without a .git folder (a copy of the tree) pass the commit on: FUSED_OPTIM_COMMIT=<sha> benchmarks/gpu_verify.sh OUT
+#
+# GPU_VERIFY_CPU_SMOKE=1 runs the same stages on a machine without a GPU, benchmarks at --quick sizes and without
+# torch.compile: a check of this script itself, not a result.
+set -u -o pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+OUT=$(mkdir -p "$1" && cd "$1" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python}
+DEADLINE=570
+SMOKE=${GPU_VERIFY_CPU_SMOKE:-0}
+QUICK=()
+if [ "$SMOKE" = 1 ]; then
+    QUICK=(--quick)
+    echo "GPU_VERIFY_CPU_SMOKE=1: checking the script; benchmarks at --quick sizes, no results to commit"
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "$0: torch sees no CUDA device; this script is for a GPU machine" \
+        "(GPU_VERIFY_CPU_SMOKE=1 checks it on a CPU)" >&2
+    exit 2
+fi
+FAILED=()
+: >"$OUT/summary.txt"
+
+left() { echo $((DEADLINE - SECONDS)); }
+# limit CAP RESERVE: seconds a stage may take: at most CAP, leaving RESERVE for the stages after it (>= 10)
+limit() {
+    local t=$(( $(left) - $2 ))
+    [ "$t" -gt "$1" ] && t=$1
+    [ "$t" -lt 10 ] && t=10
+    echo "$t"
+}
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+stage() {  # stage NAME LOG STATUS: record a stage's exit status
+    if [ "$3" -eq 0 ]; then
+        note "ok     $1 ($2)"
+    else
+        [ "$3" -eq 124 ] && note "FAILED $1: ran out of its time limit (see $2)" || note "FAILED $1: exit $3 (see $2)"
+        FAILED+=("$1")
+    fi
+}
+
+# -- 1. environment ----------------------------------------------------------------------------------------------
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(hostname)"
+    echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo "${FUSED_OPTIM_COMMIT:-unknown (no git)}")"
+    echo "git status:"; git -C "$ROOT" status --short 2>/dev/null || echo "  (no git)"
+    echo; nvidia-smi 2>&1 || echo "nvidia-smi not found"
+    echo; nvcc --version 2>&1 || echo "nvcc not found"
+    echo; ninja --version 2>&1 | sed 's/^/ninja /' || echo "ninja not found"
+    echo; "$PY" - <<'EOF'
+import platform, sys
+import torch
+print("python", sys.version.split()[0], platform.platform())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", exc)
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i}", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm_{p.major}{p.minor}",
+          f"{p.multi_processor_count} SMs", f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+for mod in ("matplotlib", "tqdm", "pytest", "hypothesis", "transformers"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception:
+        print(mod, "not installed")
+EOF
+    echo "TRITON_INTERPRET=${TRITON_INTERPRET:-<unset>}"
+} >"$OUT/env.txt" 2>&1
+grep -E "^(commit|cuda:|torch|triton) " "$OUT/env.txt"
+unset TRITON_INTERPRET  # every stage below runs the compiled kernels on the GPU
+
+if [ -z "${FUSED_OPTIM_COMMIT:-}" ]; then
+    FUSED_OPTIM_COMMIT=$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || true)
+fi
+export FUSED_OPTIM_COMMIT
+
+# -- 2. build: the editable install maps kernels/ to fused_optim.kernels and builds csrc/ when it has sources ------
+if [ -d csrc ] && [ -n "$(find csrc -name '*.cpp' -o -name '*.cu' | head -n 1)" ]; then
+    note "csrc/ has sources: building the native extension"
+else
+    note "csrc/ has no sources: installing the Python packages only"
+fi
+timeout "$(limit 200 330)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . >"$OUT/build.log" 2>&1
+stage build build.log $?
+"$PY" - >>"$OUT/build.log" 2>&1 <<'EOF'
+import fused_optim, fused_optim.kernels, fused_optim.backends as b
+print("fused_optim from", fused_optim.__file__)
+for row in b.report():
+    print(row)
+EOF
+stage import build.log $?
+
+# -- 3. tests ------------------------------------------------------------------------------------------------------
+timeout "$(limit 150 210)" "$PY" -m pytest tests -m gpu -q -rs -p no:cacheprovider >"$OUT/tests_gpu.log" 2>&1
+stage "tests -m gpu" tests_gpu.log $?
+timeout "$(limit 120 180)" "$PY" -m pytest tests -m "not gpu" -q -rs -p no:cacheprovider >"$OUT/tests_rest.log" 2>&1
+stage "tests -m 'not gpu'" tests_rest.log $?
+tail -n 3 "$OUT/tests_gpu.log" "$OUT/tests_rest.log"
+
+# -- 4. benchmarks -------------------------------------------------------------------------------------------------
+# About 40 timed configurations, most of them a second or two; torch.compile's compile is the long one.
+bench() {  # bench CAP RESERVE ARGS...: one sweep, rows appended to OUT
+    local cap=$1 reserve=$2
+    shift 2
+    echo "== python -m fused_optim.bench $*" >>"$OUT/bench.log"
+    timeout "$(limit "$cap" "$reserve")" "$PY" -m fused_optim.bench --out "$OUT" --no-progress \
+        ${QUICK[@]+"${QUICK[@]}"} "$@" >>"$OUT/bench.log" 2>&1
+    stage "bench $*" bench.log $?
+}
+# AdamW fp32, the headline workloads: every provider, eager and captured in a CUDA graph.
+bench 120 100 --optimizer adamw --dtype fp32 --workload gpt2-small,many-small \
+    --provider torch-fused,torch-forloop,torch-foreach,triton,native --graph
+# The big ones: eager only (launch overhead is nothing next to 10-60 ms of memory traffic).
+bench 90 70 --optimizer adamw --dtype fp32 --workload llama-1b,huge \
+    --provider torch-fused,torch-foreach,triton,native --no-graph
+# Mixed precision.
+bench 60 60 --optimizer adamw --dtype bf16-master,bf16 --workload gpt2-small \
+    --provider torch-fused,torch-foreach,triton,native --graph
+# torch.compile: one workload (inductor compiles for tens of seconds).
+if [ "$SMOKE" != 1 ]; then
+    bench 90 40 --optimizer adamw --dtype fp32 --workload gpt2-small --provider torch-compile
+fi
+# LAMB and Adafactor, once fused_optim has them.
+OTHERS=$("$PY" -c "from fused_optim.bench import OPTIMIZERS as O
+print(','.join(n for n, s in O.items() if n not in ('adamw', 'adam') and s.fused_available()))" 2>/dev/null)
+if [ -n "$OTHERS" ]; then
+    bench 60 25 --optimizer "$OTHERS" --dtype fp32 --workload gpt2-small,many-small
+else
+    note "skip   LAMB / Adafactor benchmarks: fused_optim has neither FusedLAMB nor FusedAdafactor yet"
+fi
+# The CPU providers on this host's cores (the native CPU engine against torch's CPU AdamW).
+bench 60 5 --device cpu --optimizer adamw --dtype fp32 --workload gpt2-small,many-small \
+    --provider torch-fused,torch-foreach,native --steps 10
+
+# -- 5. summary ----------------------------------------------------------------------------------------------------
+ls -l "$OUT" >>"$OUT/summary.txt"
+note "elapsed: ${SECONDS} s"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    note "FAILED: ${FAILED[*]}"
+    exit 1
+fi
+note "all stages passed"

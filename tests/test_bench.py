@@ -1,0 +1,407 @@
+"""Tests of the benchmark harness (``fused_optim/bench``) and ``benchmarks/render_results.py``.
+
+    python -m pytest tests/test_bench.py -q          # CPU, about 15 s on 2 cores
+
+Benchmarks are not tests: nothing here asserts a speed. What is checked is that the harness measures what it
+says it measures: the workloads have the real models' sizes, the byte models count what their docstrings say,
+every row has the keys of issue 6 and its derived columns follow from its measured ones (GB/s from ms and the
+byte model, bw_fraction from GB/s and the copy bandwidth, the ratio from torch-fused's time in the same run), rows
+round-trip through the JSONL file and the renderer, GPU-only paths are reported unavailable on the CPU with a
+reason, and the unfused LAMB baseline computes LAMB. The test marked ``gpu`` runs a quick sweep on CUDA, eager and
+captured in a CUDA graph (benchmarks/gpu_verify.sh runs it).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_optim
+from fused_optim import bench
+from fused_optim.bench import harness
+from fused_optim.bench.harness import DTYPES, WORKLOADS, Case, TimingPolicy, Unavailable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread: on a busy CI machine torch's multi-threaded CPU kernels wait at every per-tensor barrier for
+    a descheduled thread (seconds per step), and these tests time only to check the bookkeeping."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+CPU = torch.device("cpu")
+FAST = TimingPolicy(warmup=1, max_steps=3, min_steps=3, budget_s=0.0)
+EXTRA_KEYS = ("n_params", "n_tensors", "ratio_to_torch_fused")
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "benchmarks" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _provider(optimizer: str, name: str):
+    return next(p for p in bench.OPTIMIZERS[optimizer].providers if p.name == name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workloads and byte models
+# ----------------------------------------------------------------------------------------------------------------
+def test_workloads_have_the_real_sizes():
+    def size(name, quick=False):
+        shapes = WORKLOADS[name].shapes(quick)
+        return sum(harness.numel(s) for s in shapes), len(shapes)
+
+    assert size("gpt2-small") == (124_439_808, 148)  # HF gpt2: 124,439,808 params (LM head tied to wte)
+    assert size("llama-1b") == (1_235_814_400, 146)  # Llama 3.2 1B: 1,235,814,400 params (tied embeddings)
+    assert size("many-small") == (4_096_000, 1000)
+    n, count = size("huge")
+    assert count == 1 and n > 2**31 and n % 2 == 1
+    # quick sizes keep the tensor counts (the launch-count side of the benchmark) and shrink the widths
+    assert size("gpt2-small", True)[1] == 148 and size("gpt2-small", True)[0] < 1_000_000
+    assert size("llama-1b", True)[1] == 146 and size("many-small", True)[1] == 1000
+    with pytest.raises(Unavailable, match="2\\*\\*31"):
+        WORKLOADS["huge"].shapes(True)
+
+
+@pytest.mark.parametrize("optimizer, dtype, expected", [
+    ("adamw", "fp32", 28),  # read p g m v, write p m v, 4 B each
+    ("adamw", "bf16-master", 28),  # read master4 g2 m4 v4, write master4 p2 m4 v4
+    ("adamw", "bf16", 14),
+    ("adam", "fp32", 28),
+    ("lamb", "fp32", 40),  # pass 1: p g m v -> m v; pass 2: p m v -> p
+    ("lamb", "bf16-master", 40),
+    ("adafactor", "fp32", 24),  # three reads of g, two of p, one write
+])
+def test_byte_models(optimizer, dtype, expected):
+    model = bench.OPTIMIZERS[optimizer].byte_model(DTYPES[dtype])
+    assert model.bytes_per_param == expected
+    assert model.formula().endswith(f"= {expected} B/param")
+
+
+def test_adamw_fp32_formula_names_its_operands():
+    formula = bench.OPTIMIZERS["adamw"].byte_model(DTYPES["fp32"]).formula()
+    assert formula == "read p4 g4 m4 v4; write p4 m4 v4 = 28 B/param"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A quick CPU sweep through the harness functions
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_sweep():
+    specs = [bench.OPTIMIZERS["adamw"]]
+    todo, skipped = harness.plan(specs, [WORKLOADS["gpt2-small"]], [DTYPES["fp32"]],
+                                 ["torch-fused", "torch-foreach", "reference"], CPU, [False], quick=True,
+                                 explicit_providers=True, explicit_workloads=True)
+    assert [c.provider.name for c in todo] == ["torch-fused", "torch-foreach", "reference"]  # baseline first
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _one_thread
+    try:
+        return harness.run_sweep(todo, CPU, FAST, quick=True, copy_bytes=32 * 2**20, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_quick_sweep_rows(quick_sweep):
+    result = quick_sweep
+    assert not result.errors, result.errors
+    assert [r["provider"] for r in result.rows] == ["torch-fused", "torch-foreach", "reference"]
+    assert result.copy_gbps > 0
+    fused_ms = result.rows[0]["ms"]
+    for row in result.rows:
+        assert set(harness.REQUIRED_KEYS + EXTRA_KEYS) <= set(row), row
+        assert "compile_s" not in row  # only torch-compile rows have it
+        assert row["device"].startswith("CPU ") and row["device"] == result.device
+        assert (row["optimizer"], row["workload"], row["dtype"], row["graph"]) == ("adamw", "gpt2-small", "fp32",
+                                                                                   False)
+        assert row["ms"] > 0
+        assert row["bytes_per_param"] == 28
+        assert row["n_tensors"] == 148
+        assert row["n_params"] == sum(harness.numel(s) for s in WORKLOADS["gpt2-small"].shapes(True))
+        assert row["gbps"] == pytest.approx(row["n_params"] * 28 / (row["ms"] / 1e3) / 1e9, rel=1e-3)
+        assert row["copy_gbps"] == pytest.approx(result.copy_gbps, rel=1e-4)
+        assert row["bw_fraction"] == pytest.approx(row["gbps"] / row["copy_gbps"], rel=1e-3)
+        assert row["ratio_to_torch_fused"] == pytest.approx(row["ms"] / fused_ms, rel=1e-3)
+        assert row["torch"] == torch.__version__
+        assert len(row["date"]) == 20 and row["date"].endswith("Z")
+        json.dumps(row)  # JSON-serializable as it is
+
+
+def test_time_steps_takes_the_median_and_flushes_outside_the_timing():
+    import time
+
+    calls, flushes = [], []
+
+    class Flush:
+        def zero_(self):
+            flushes.append(1)
+            time.sleep(0.05)  # would dominate the median if it were timed
+
+    def step():
+        calls.append(1)
+        time.sleep(0.002)
+
+    timing = harness.time_steps([step], CPU, TimingPolicy(warmup=2, max_steps=5, min_steps=5, budget_s=0.0),
+                                flush=Flush())
+    assert len(calls) == 7 and len(flushes) == 5 and timing.steps == 5
+    assert 2.0 <= timing.ms < 40.0
+
+
+def test_rotation_copies():
+    cache = harness.cache_bytes(CPU)
+    assert harness.rotation_copies(cache // 10, CPU, True) == 8  # capped
+    assert 1 < harness.rotation_copies(cache, CPU, True) <= 8
+    assert harness.rotation_copies(4 * cache, CPU, True) == 1
+    assert harness.rotation_copies(cache // 10, CPU, False) == 1
+
+
+def test_latest_row_per_configuration():
+    base = {"device": "d", "optimizer": "adamw", "workload": "w", "n_params": 1, "dtype": "fp32", "provider": "p",
+            "graph": False}
+    rows = [dict(base, date="2025-01-02T00:00:00Z", ms=2.0), dict(base, date="2025-01-01T00:00:00Z", ms=1.0),
+            dict(base, date="2025-01-01T00:00:00Z", ms=3.0, graph=True)]
+    got = sorted(harness.latest(rows), key=lambda r: r["graph"])
+    assert [r["ms"] for r in got] == [2.0, 3.0]
+    assert sorted(_render_module().latest(rows), key=lambda r: r["graph"]) == got
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Providers
+# ----------------------------------------------------------------------------------------------------------------
+def test_gpu_only_paths_are_unavailable_on_cpu(monkeypatch):
+    spec = bench.OPTIMIZERS["adamw"]
+    todo, skipped = harness.plan([spec], list(WORKLOADS.values()), [DTYPES["fp32"]], None, CPU, [False],
+                                 quick=False, explicit_providers=False, explicit_workloads=False)
+    reasons = dict((str(what), why) for what, why in skipped)
+    assert "interpreter" in reasons["triton"]
+    assert "cuda only" in reasons["huge"]
+    assert "default cpu sweep" in reasons["torch-compile"]
+    ran = {(c.workload.name, c.provider.name) for c in todo}
+    assert {w for w, _ in ran} == {"gpt2-small", "many-small"}  # llama-1b is in the GPU default only
+    assert not any(p in ("triton", "torch-compile") for _, p in ran)
+    assert {"torch-forloop", "torch-foreach", "torch-fused", "reference", "native"} <= {p for _, p in ran}
+
+    # Even with Triton's interpreter switched on (as tests run), triton is not benchmarked on CPU tensors.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    todo, skipped = harness.plan([spec], [WORKLOADS["gpt2-small"]], [DTYPES["fp32"]], ["triton"], CPU, [False],
+                                 quick=True, explicit_providers=True, explicit_workloads=True)
+    assert todo == [] and "interpreter" in dict(skipped)["triton"]
+
+    params = harness.make_params([(4, 4)], DTYPES["fp32"], CPU)
+    native = _provider("adamw", "native")
+    if fused_optim.backends.native_unusable(CPU) is not None:
+        with pytest.raises(Unavailable, match="native"):
+            native.build(Case(params, DTYPES["fp32"], CPU, capturable=False))
+    else:  # the CPU engine exists: it is a CPU provider like the others
+        native.build(Case(params, DTYPES["fp32"], CPU, capturable=False))()
+
+
+def test_cuda_plan_times_eager_then_graph_with_torch_fused_first():
+    # Planning touches no device, so the GPU sweep's plan is checked here too.
+    todo, skipped = harness.plan([bench.OPTIMIZERS["adamw"]], [WORKLOADS["gpt2-small"]], [DTYPES["fp32"]], None,
+                                 torch.device("cuda"), [False, True], quick=False, explicit_providers=False,
+                                 explicit_workloads=False)
+    got = [(c.provider.name, c.graph) for c in todo]
+    assert got == [("torch-fused", False), ("torch-forloop", False), ("torch-foreach", False),
+                   ("torch-compile", False), ("triton", False), ("native", False),
+                   ("torch-fused", True), ("torch-forloop", True), ("torch-foreach", True),
+                   ("triton", True), ("native", True)]
+    reasons = dict((str(what), why) for what, why in skipped)
+    assert "reduce-overhead" in reasons["torch-compile graph"]
+    assert "default cuda sweep" in reasons["reference"]
+
+
+def test_fused_optim_has_no_bf16_state_configuration():
+    params = harness.make_params([(8,)], DTYPES["bf16"], CPU)
+    with pytest.raises(Unavailable, match="fp32"):
+        _provider("adamw", "reference").build(Case(params, DTYPES["bf16"], CPU, capturable=False))
+
+
+def test_missing_fused_class_is_unavailable():
+    params = harness.make_params([(8,)], DTYPES["fp32"], CPU)
+    provider = harness.fused_provider("triton", "FusedNoSuchOptimizer", "triton")
+    with pytest.raises(Unavailable, match="FusedNoSuchOptimizer"):
+        provider.build(Case(params, DTYPES["fp32"], CPU, capturable=False))
+
+
+@pytest.mark.parametrize("provider", ["torch-forloop", "torch-foreach"])  # per-tensor and foreach copies
+def test_torch_master_weights_step_updates_bf16_params_from_fp32_masters(provider):
+    params = harness.make_params([(64,), (3, 5)], DTYPES["bf16-master"], CPU)
+    before = [p.detach().clone() for p in params]
+    step = _provider("adamw", provider).build(Case(params, DTYPES["bf16-master"], CPU, capturable=False))
+    reference = harness.make_params([(64,), (3, 5)], DTYPES["bf16-master"], CPU)
+    fused = fused_optim.FusedAdamW(reference, lr=1e-3, weight_decay=0.1, backend="reference", master_weights=True)
+    for _ in range(3):
+        step()
+        fused.step()
+    for p, b, r in zip(params, before, reference):
+        assert p.dtype == torch.bfloat16 and not torch.equal(p, b)
+        # fp32 AdamW on the masters, rounded to bf16 once: the same as fused_optim's master weights up to a bf16
+        # rounding of fp32 values that may differ in the last bits (3 steps of lr 1e-3 move params of ~0.02 by
+        # ~3e-3, 20x the bf16 tolerance of ~1.6e-2 * 0.02, so a missing update or copy-back fails)
+        torch.testing.assert_close(p, r)
+
+
+def _lamb_per_tensor(p, g, m, v, t, lr, beta1, beta2, eps, wd):
+    """LAMB on one tensor, written out (You et al. 2020, Algorithm 2, Adam moments with bias correction)."""
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    r = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps) + wd * p
+    w_norm, r_norm = p.norm(), r.norm()
+    trust = (w_norm / r_norm) if w_norm > 0 and r_norm > 0 else 1.0
+    p.sub_(lr * trust * r)
+
+
+def test_torch_ops_lamb_is_lamb():
+    from fused_optim.bench.lamb import HYPERPARAMETERS, ForeachLAMB
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (5,), (1,), (130,)]
+    params = [torch.randn(s, dtype=torch.float64, generator=gen).requires_grad_() for s in shapes]
+    with torch.no_grad():
+        params[1].zero_()  # zero weight norm: trust ratio 1
+    ref = [p.detach().clone() for p in params]
+    m = [torch.zeros_like(p) for p in ref]
+    v = [torch.zeros_like(p) for p in ref]
+    lr = 0.05
+    opt = ForeachLAMB(params, lr=lr, **HYPERPARAMETERS)
+    beta1, beta2 = HYPERPARAMETERS["betas"]
+    for t in range(1, 4):
+        grads = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            _lamb_per_tensor(ref[i], g, m[i], v[i], t, lr, beta1, beta2, HYPERPARAMETERS["eps"],
+                             HYPERPARAMETERS["weight_decay"])
+    # fp64 throughout; lerp vs mul-add and a foreach pow vs Python's ** differ by a few ulps per step.
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-15)
+    assert torch.equal(params[1].detach().abs() > 0, ref[1].abs() > 0)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m[i], rtol=1e-12, atol=1e-15)
+        assert float(opt.state[p]["step"]) == 3.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line, the JSONL file and the renderer
+# ----------------------------------------------------------------------------------------------------------------
+QUICK = ["--quick", "--device", "cpu", "--workload", "gpt2-small", "--steps", "3", "--budget", "0", "--copy-mib", "32",
+         "--threads", "1", "--no-progress"]
+
+
+def test_main_quick_no_save(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status = bench.main(QUICK + ["--no-save", "--provider", "torch-fused,triton,native", "--graph"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert list(tmp_path.iterdir()) == []  # --no-save writes nothing
+    assert "(not saved)" in out and "--graph applies to CUDA devices only" in out
+    table = [line.split() for line in out.splitlines() if line.startswith("adamw ")]
+    assert [line[4] for line in table] == ["torch-fused"]
+    assert "triton: GPU only" in out
+    if fused_optim.backends.native_unusable(CPU) is not None:
+        assert "adamw native: FusedAdamW(backend='native')" in out
+    if not torch.cuda.is_available():
+        assert "no CUDA device: GPU providers and GPU workloads are unavailable" in out
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert bench.main(["--workload", "gpt3"]) == 2
+    assert "unknown workload 'gpt3'" in capsys.readouterr().err
+    assert bench.main(["--provider", "jax"]) == 2
+
+
+def test_rows_round_trip_through_jsonl_and_renderer(tmp_path, capsys):
+    out_dir = tmp_path / "results"
+    assert bench.main(QUICK + ["--provider", "torch-fused,torch-foreach", "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    files = list(out_dir.glob("*.jsonl"))
+    assert [f.name for f in files] == [harness.slug(harness.device_name(CPU)) + ".jsonl"]
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert [r["provider"] for r in rows] == ["torch-fused", "torch-foreach"]
+    assert all(set(harness.REQUIRED_KEYS) <= set(r) for r in rows)
+    png = files[0].with_suffix(".png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot not drawn: matplotlib is not installed" in printed
+    else:
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+    render = _render_module()
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n<!-- results:begin -->\nstale\n<!-- results:end -->\n\nafter\n")
+    args = ["--results", str(out_dir), "--readme", str(readme)]
+    assert render.main(args + ["--check"]) == 1  # stale
+    assert render.main(args + ["--write"]) == 0
+    assert render.main(args + ["--check"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n## Results\n<!-- results:begin -->\n")
+    assert text.endswith("<!-- results:end -->\n\nafter\n")
+    assert "No GPU results are committed yet" in text  # only CPU rows here
+    assert f"### {rows[0]['device']}\n" in text
+    assert f"commit `{rows[0]['commit']}`" in text
+    line = next(ln for ln in text.splitlines() if "| torch-foreach |" in ln)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:4] == ["adamw", "gpt2-small", render._params(rows[1]["n_params"]), "148"]
+    assert cells[7] == format(rows[1]["ms"], ".4g") and cells[9] == format(rows[1]["bw_fraction"], ".3f")
+    assert cells[10] == format(rows[1]["ratio_to_torch_fused"], ".2f")
+    if png.is_file():
+        assert f"](results/{png.name})" in text  # relative to the README's folder
+    readme.write_text(text.replace("| torch-foreach |", "| torch-foreach* |"))
+    assert render.main(args + ["--check"]) == 1  # a hand edit is caught
+
+    # Appending keeps earlier rows; the renderer shows the latest of each configuration.
+    later = dict(rows[0], date="2999-01-01T00:00:00Z", ms=12345.0)
+    harness.append_jsonl(files[0], [later])
+    assert len(files[0].read_text().splitlines()) == 3
+    fused_lines = [ln for ln in render.render(render.read_rows(out_dir), tmp_path).splitlines()
+                   if "| torch-fused |" in ln]
+    assert len(fused_lines) == 1 and "| 1.234e+04 |" in fused_lines[0]
+
+
+def test_renderer_without_results_says_so(tmp_path, capsys):
+    render = _render_module()
+    assert render.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "No GPU results are committed yet" in out and "No benchmark results are committed yet" in out
+    assert not any(ch.isdigit() for ch in out.split("-->", 1)[1].replace("gpu_verify", ""))  # no numbers at all
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    assert render.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"device": "x"}\n')
+    assert render.main(["--results", str(tmp_path)]) == 2
+    assert "bad.jsonl:1: row lacks" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU (benchmarks/gpu_verify.sh)
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quick_sweep_on_cuda_eager_and_in_a_cuda_graph():
+    cuda = torch.device("cuda")
+    spec = bench.OPTIMIZERS["adamw"]
+    todo, _ = harness.plan([spec], [WORKLOADS["gpt2-small"], WORKLOADS["many-small"]],
+                           [DTYPES["fp32"], DTYPES["bf16-master"]], ["torch-fused", "triton"], cuda, [False, True],
+                           quick=True, explicit_providers=True, explicit_workloads=True)
+    result = harness.run_sweep(todo, cuda, FAST, quick=True, copy_bytes=256 * 2**20, progress=False)
+    assert not result.errors, result.errors
+    got = {(r["workload"], r["dtype"], r["provider"], r["graph"]) for r in result.rows}
+    for wl in ("gpt2-small", "many-small"):
+        for dt in ("fp32", "bf16-master"):
+            for prov in ("torch-fused", "triton"):
+                for graph in (False, True):
+                    assert (wl, dt, prov, graph) in got
+    for row in result.rows:
+        assert row["ms"] > 0 and math.isfinite(row["bw_fraction"]) and row["ratio_to_torch_fused"] is not None
