@@ -83,12 +83,36 @@ def check_name(backend: str) -> str:
 _warned: set = set()
 
 
+class Where(tuple):
+    """(param group, index) of a param, formatted only when an error message needs it."""
+
+    def __new__(cls, group_index: int, index: int):
+        return super().__new__(cls, (group_index, index))
+
+    def __str__(self) -> str:
+        return f"param {self[1]} of param group {self[0]}"
+
+
+_resolved: dict = {}  # (requested, device, dtype, TRITON_INTERPRET) -> backend name or the reason it cannot run
+
+
 def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str) -> str:
     """The backend that runs a group of tensors on ``device`` with param dtype ``dtype``.
 
     ``where`` names the tensors for error messages ("param 3 of param group 0"). A named backend that cannot run
-    raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back to the reference.
+    raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back to the reference. Called for every
+    param at every step, so the answer is memoized (availability only changes with the environment).
     """
+    key = (requested, device, dtype, os.environ.get("TRITON_INTERPRET"))
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(requested, device, dtype)
+    if isinstance(found, BackendUnavailable):
+        raise BackendUnavailable(f"backend={requested!r} cannot run {where} (on {device}): {found}")
+    return found
+
+
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype):
     if requested == "reference":
         return "reference"
     if requested in ("triton", "native"):
@@ -96,9 +120,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str
         if reason is None and dtype not in KERNEL_DTYPES:
             reason = (f"its kernels support float32, float16 and bfloat16 params, not {dtype}; "
                       f"use backend='reference' for {dtype}")
-        if reason:
-            raise BackendUnavailable(f"backend={requested!r} cannot run {where} (on {device}): {reason}")
-        return requested
+        return BackendUnavailable(reason) if reason else requested
     # auto
     if dtype in KERNEL_DTYPES:
         for name in ("native", "triton"):
@@ -110,7 +132,7 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str
         if (device.type, dtype, why) not in _warned:
             _warned.add((device.type, dtype, why))
             warnings.warn(f"fused_optim: backend='auto' falls back to the reference path for {dtype} params on "
-                          f"{device}: {why}", stacklevel=4)
+                          f"{device}: {why}", stacklevel=5)
     return "reference"
 
 
@@ -139,8 +161,9 @@ class Bucket:
     param_dtype: torch.dtype
     grad_dtype: torch.dtype
     params: list = field(default_factory=list)
-    grads: list = field(default_factory=list)
+    grads: list = field(default_factory=list)  # local tensors (the shards of DTensor grads)
     states: list = field(default_factory=list)  # the optimizer's per-param state dicts
+    sharded: bool = False  # some params are DTensors: params and states are swapped for their local shards
 
     @property
     def key(self) -> tuple:
@@ -190,8 +213,7 @@ def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
     launcher = kernels.RULES[rule]
     operands = bucket.operands(launcher.OPERANDS)
     table = tables.get(bucket.key)
-    all_tensors = [t for lst in operands.values() for t in lst]
-    if table is None or table.key != storage_key(all_tensors):
+    if table is None or table.key != storage_key(operands):
         table = TensorTable.build(operands, bucket.device)
         tables[bucket.key] = table
     launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,

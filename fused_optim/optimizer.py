@@ -26,10 +26,23 @@ from torch import Tensor
 from . import backends
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # a torch build without distributed support has no DTensor
+        return ()
+    return DTensor
+
+
+_DTENSOR = None
+
+
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2); the kernels work on shards. Other tensors are returned as they are."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+    global _DTENSOR
+    if _DTENSOR is None:
+        _DTENSOR = _dtensor_type()
+    return t.to_local() if isinstance(t, _DTENSOR) else t
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -66,12 +79,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _check_param(self, p: Tensor, gi: int, i: int, group: dict) -> str:
         """Checks that do not depend on the grad; returns the backend that will run ``p``."""
-        name, where = type(self).__name__, self._where(gi, i)
         if p.is_complex():
-            raise RuntimeError(f"{name}: {where} is complex ({p.dtype}); {name} supports real params only: "
-                               "register torch.view_as_real(param) as the parameter instead")
+            name = type(self).__name__
+            raise RuntimeError(f"{name}: {self._where(gi, i)} is complex ({p.dtype}); {name} supports real params "
+                               "only: register torch.view_as_real(param) as the parameter instead")
         lp = _local(p)
-        return backends.resolve(group["backend"], lp.device, lp.dtype, where)
+        return backends.resolve(group["backend"], lp.device, lp.dtype, backends.Where(gi, i))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -102,49 +115,56 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)
 
-    def _where(self, group_index: int, index: int) -> str:
-        return f"param {index} of param group {group_index}"
+    @staticmethod
+    def _where(group_index: int, index: int) -> str:
+        return str(backends.Where(group_index, index))
 
     # -- step ---------------------------------------------------------------------------------------------------
     def _collect(self) -> list:
-        """Check every param with a grad and bucket them; raises before any state is touched."""
+        """Check every param with a grad and bucket them; raises before any state is touched.
+
+        Runs for every param at every step, so the per-param work is a handful of attribute reads (about 1 us
+        for a param, measured); what holds for a whole bucket (backend, dtype support, lr device) is checked when
+        the bucket is first seen. A grad's shape, dtype and device need no check: torch refuses to assign a grad
+        that differs from its param in any of them. Its layout (sparse) and strides it does not check."""
         name = type(self).__name__
         buckets: dict = {}
+        global _DTENSOR
+        if _DTENSOR is None:
+            _DTENSOR = _dtensor_type()
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                where = self._where(gi, i)
                 g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"{name}: {where} has a sparse gradient; {name} supports dense gradients "
-                                       "only (torch.optim.SparseAdam handles sparse embeddings)")
-                backend = self._check_param(p, gi, i, group)
-                if g.device != p.device:
-                    raise RuntimeError(f"{name}: {where} is on {p.device} but its grad is on {g.device}; "
-                                       "move the grad to the param's device")
-                if g.shape != p.shape:
-                    raise RuntimeError(f"{name}: {where} has shape {tuple(p.shape)} but its grad has shape "
-                                       f"{tuple(g.shape)}")
-                lp, lg = _local(p), _local(g)
-                if backend != "reference":
-                    if not lp.is_contiguous() or not lg.is_contiguous():
-                        what = "param" if not lp.is_contiguous() else "grad"
-                        raise RuntimeError(
-                            f"{name}: {where} has a non-contiguous {what} (shape {tuple(lp.shape)}, strides "
-                            f"{lp.stride() if what == 'param' else lg.stride()}); backend={backend!r} updates "
-                            "contiguous tensors only: make the parameter contiguous before creating the optimizer, "
-                            "or use backend='reference'")
-                    if isinstance(lr, Tensor) and lr.device.type != "cpu" and lr.device != lp.device:
-                        raise RuntimeError(f"{name}: the lr tensor of param group {gi} is on {lr.device} but {where} "
-                                           f"is on {lp.device}; keep lr on the params' device or on the CPU")
+                if g is None:
+                    continue
+                if _DTENSOR and isinstance(p, _DTENSOR):
+                    lp, lg = p.to_local(), g.to_local()
+                else:
+                    lp, lg = p, g
                 key = (gi, lp.device, lp.dtype, lg.dtype)
                 bucket = buckets.get(key)
                 if bucket is None:
+                    backend = self._check_param(p, gi, i, group)
+                    if (backend != "reference" and isinstance(lr, Tensor) and lr.device.type != "cpu"
+                            and lr.device != lp.device):
+                        raise RuntimeError(f"{name}: the lr tensor of param group {gi} is on {lr.device} but "
+                                           f"{self._where(gi, i)} is on {lp.device}; keep lr on the params' device "
+                                           "or on the CPU")
                     bucket = buckets[key] = backends.Bucket(group, gi, backend, lp.device, lp.dtype, lg.dtype)
+                if g.is_sparse:
+                    raise RuntimeError(f"{name}: {self._where(gi, i)} has a sparse gradient; {name} supports dense "
+                                       "gradients only (torch.optim.SparseAdam handles sparse embeddings)")
+                if bucket.backend != "reference" and not (lp.is_contiguous() and lg.is_contiguous()):
+                    what, t = ("param", lp) if not lp.is_contiguous() else ("grad", lg)
+                    raise RuntimeError(
+                        f"{name}: {self._where(gi, i)} has a non-contiguous {what} (shape {tuple(t.shape)}, strides "
+                        f"{t.stride()}); backend={bucket.backend!r} updates contiguous tensors only: make the "
+                        "parameter contiguous before creating the optimizer, or use backend='reference'")
                 bucket.params.append(p)
-                bucket.grads.append(g)
+                bucket.grads.append(lg)
+                if lp is not p:
+                    bucket.sharded = True
         return list(buckets.values())
 
     def _group_hyperparameters(self, group: dict, device: torch.device) -> dict:
@@ -171,15 +191,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         buckets = self._collect()
         for bucket in buckets:
+            init, group, states = self._init_param_state, bucket.group, self.state
             for p in bucket.params:
-                state = self.state[p]
-                self._init_param_state(p, state, bucket.group)
+                state = states[p]
+                init(p, state, group)
                 bucket.states.append(state)
-            # The kernels see shards (FSDP2); torch's bookkeeping above keeps the DTensors.
-            bucket.params = [_local(p) for p in bucket.params]
-            bucket.grads = [_local(g) for g in bucket.grads]
-            bucket.states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in s.items()}
-                             for s in bucket.states]
+            if bucket.sharded:
+                # The kernels see shards (FSDP2); the optimizer's own state keeps the DTensors, as torch.optim's.
+                bucket.params = [_local(p) for p in bucket.params]
+                bucket.states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in s.items()}
+                                 for s in bucket.states]
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
