@@ -99,3 +99,30 @@ def test_tensor_larger_than_2_pow_31_elements(backend):
         assert abs(p[idx].item() + 0.5) < 1e-6, f"element {idx} = {p[idx].item()}"
     assert (p.detach() == p[0]).all().item(), "every element takes the same step"
     assert float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend", fused_backends(CUDA) if torch.cuda.is_available() else ["triton"])
+def test_step_never_synchronizes_with_the_host(backend):
+    """torch's sync debug mode raises on any host-device synchronization (``.item()``, pageable copies, ...):
+    a step, a step with GradScaler tensors, a tensor lr, and a table rebuild after zero_grad(set_to_none=True)."""
+    params = _params(3)
+    opt = fused_optim.FusedAdamW(params, lr=torch.tensor(1e-2, device=CUDA), backend=backend, amsgrad=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # first step: lazy state init (allocations) outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        opt.grad_scale = torch.tensor(4.0, device=CUDA)
+        opt.found_inf = torch.tensor(0.0, device=CUDA)
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # new grad storage: the device table is rebuilt (pinned, asynchronous copy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert float(opt.state[params[0]]["step"]) == 4
