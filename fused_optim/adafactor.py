@@ -71,6 +71,9 @@ class FusedAdafactor(FusedOptimizer):
         master_weights (bool): for bf16/fp16 params, keep an fp32 copy in ``state["master_param"]``, update it in
             fp32 and write the rounded param from it (default: False).
 
+    With ``relative_step=True`` (the default) ``group["lr"]`` is ``None``, as in transformers: an lr scheduler
+    needs ``relative_step=False`` and an ``lr``.
+
     State per param (transformers' keys): ``step`` (float32 scalar tensor on the param's device),
     ``exp_avg_sq_row`` (shape ``p.shape[:-1]``) and ``exp_avg_sq_col`` (``p.shape[:-2] + p.shape[-1:]``) for
     rank >= 2, ``exp_avg_sq`` (``p.shape``) for rank 0 and 1, ``exp_avg`` (``p.shape``) with ``beta1``,

@@ -9,9 +9,14 @@ For one launch group (tensors sharing device and dtypes), :class:`TensorTable` h
 * ``first_block``: int32 ``[n_tensors + 1]``, each tensor's block range (per-tensor reductions read it);
 * ``arrivals``: int32 ``[n_tensors]`` zeros, the per-tensor counters of the step protocol (kernels/engine.py).
 
+Rules that keep row and column statistics of matrices (Adafactor) use :class:`TileTable` instead (bottom of this
+file): the same address tables, and a 2-D tile map (tensor, matrix of a batch, row tile, column tile) with the
+layout of the per-tile row/column partial sums and of the finished statistics.
+
 Built once on the host and copied in one transfer; the caller caches it and rebuilds only when
 :func:`storage_key` changes (new params, grads re-allocated after ``zero_grad(set_to_none=True)``, state loaded).
-A table holds nothing but addresses and sizes, so equal keys mean an identical table.
+A table holds nothing but addresses and sizes (and, for a TileTable, scratch buffers sized by them), so equal
+keys mean an identical table.
 """
 from __future__ import annotations
 

@@ -27,6 +27,10 @@ last reader, writes ``step + 1`` and resets the counter to 0 for the next step. 
 result is deterministic; there is no float atomic anywhere. A zero-size tensor still gets one (empty) block so
 that its step advances, as in torch.
 
+The "2-D tile map" section at the end does the same for rules that need row and column statistics of matrices
+(Adafactor): a tile map (fused_optim.tables.TileTable), per-tile row/column partial sums, ``segment_sums`` to
+finish them in a fixed order, and the step protocol on tiles (``last_tile_of_tensor``).
+
 Run under ``TRITON_INTERPRET=1`` with CPU tensors, the same code is what CI tests (see tests/README.md).
 """
 from __future__ import annotations
