@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from .adam import compute_dtype
