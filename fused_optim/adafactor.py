@@ -134,13 +134,13 @@ class FusedAdafactor(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _init_param_state(self, p, state, group):
+        if _local(p) is not p:
+            raise NotImplementedError(
+                f"{type(self).__name__}: sharded (DTensor, FSDP2) params are not supported yet: RMS(θ), RMS(U) and "
+                "the row/column statistics of a shard need an all-reduce over the mesh (kernels/adafactor.py keeps "
+                "those reductions as separate launches for it). Use unsharded params for this optimizer.")
         self._init_common_state(p, state, group)
         if p.dim() >= 2:
-            if _local(p) is not p:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: a sharded (DTensor) param of rank >= 2 needs row/column statistics "
-                    "reduced over its mesh; that is not supported yet: use a plain tensor, or backend='reference' "
-                    "on full params")
             if "exp_avg_sq_row" not in state:
                 state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=state_dtype(p), device=p.device)
             if "exp_avg_sq_col" not in state:
