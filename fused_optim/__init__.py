@@ -5,9 +5,10 @@
 
 ``python -m fused_optim info | check | bench``: usable backends, parity against the reference, timings.
 """
+from .adafactor import FusedAdafactor
 from .adam import FusedAdam, FusedAdamW
 from .backends import BackendUnavailable
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdam", "FusedAdamW", "BackendUnavailable", "__version__"]
+__all__ = ["FusedAdam", "FusedAdamW", "FusedAdafactor", "BackendUnavailable", "__version__"]

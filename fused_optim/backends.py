@@ -214,7 +214,8 @@ def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
     operands = bucket.operands(launcher.OPERANDS)
     table = tables.get(bucket.key)
     if table is None or table.key != storage_key(operands):
-        table = TensorTable.build(operands, bucket.device)
+        # A rule whose kernels need another map than the 1-D block map (Adafactor's 2-D tiles) brings its builder.
+        table = getattr(launcher, "build_table", TensorTable.build)(operands, bucket.device)
         tables[bucket.key] = table
     launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
              master=bucket.states[0].get("master_param") is not None,

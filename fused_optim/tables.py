@@ -9,13 +9,19 @@ For one launch group (tensors sharing device and dtypes), :class:`TensorTable` h
 * ``first_block``: int32 ``[n_tensors + 1]``, each tensor's block range (per-tensor reductions read it);
 * ``arrivals``: int32 ``[n_tensors]`` zeros, the per-tensor counters of the step protocol (kernels/engine.py).
 
+Rules that keep row and column statistics of matrices (Adafactor) use :class:`TileTable` instead (bottom of this
+file): the same address tables, and a 2-D tile map (tensor, matrix of a batch, row tile, column tile) with the
+layout of the per-tile row/column partial sums and of the finished statistics.
+
 Built once on the host and copied in one transfer; the caller caches it and rebuilds only when
 :func:`storage_key` changes (new params, grads re-allocated after ``zero_grad(set_to_none=True)``, state loaded).
-A table holds nothing but addresses and sizes, so equal keys mean an identical table.
+A table holds nothing but addresses and sizes (and, for a TileTable, scratch buffers sized by them), so equal
+keys mean an identical table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -102,3 +108,176 @@ class TensorTable:
         )
 
 
+
+
+# ================================================================================================================
+# 2-D tile map: row and column statistics of matrices (Adafactor's factored second moments).
+#
+# The block map above cuts every tensor into contiguous 1-D blocks, which is what elementwise rules need. Row and
+# column statistics need tiles that know their rows and columns. TileTable views each tensor as a batch of
+# matrices and cuts each matrix into TILE_R x TILE_C tiles; one program of a tile kernel owns one tile.
+# ================================================================================================================
+DEFAULT_TILE = (32, 128)  # 4096 elements, as DEFAULT_BLOCK; 128 fp32 columns = 512 contiguous bytes per tile row
+
+# Per-tensor fields of TileTable.meta (int64 [n_tensors, len(TILE_META_FIELDS)]), in this order; the Triton
+# helpers in kernels/engine.py ("2-D tile map" section) read them by these positions.
+TILE_META_FIELDS = (
+    "numel",          # elements of the tensor
+    "batches",        # B: product of the leading dims of a matrix tensor; 1 for a flat tensor
+    "rows",           # n: rows of each matrix (a flat tensor: ceil(numel / TILE_C) rows of TILE_C)
+    "cols",           # m: columns of each matrix (a flat tensor: TILE_C)
+    "row_tiles",      # ceil(n / TILE_R), at least 1
+    "col_tiles",      # ceil(m / TILE_C), at least 1
+    "tiles",          # B * row_tiles * col_tiles, at least 1 (a zero-size tensor gets one empty tile)
+    "first_tile",     # index of the tensor's first tile in the tile map
+    "row_base",       # offset of the tensor's B * n row statistics in the statistics vector
+    "col_base",       # offset of its B * m column statistics (after all rows of all tensors)
+    "batch_base",     # index of its first matrix among all matrices (per-matrix sums)
+    "row_part_base",  # offset of its row partial sums: (b * n + r) * col_tiles + col_tile
+    "col_part_base",  # offset of its column partial sums: (b * m + c) * row_tiles + row_tile
+    "matrix",         # 1: viewed as B matrices of n x m with row/column statistics; 0: flat
+)
+
+
+@dataclass
+class TileTable:
+    """Device tables of a 2-D tile map, for rules that keep row and column statistics of matrices.
+
+    Each tensor is either a *matrix* tensor, viewed as B = prod(shape[:-2]) matrices of n x m (its last two dims;
+    the caller says which tensors, e.g. Adafactor: rank >= 2), or *flat*: ``ceil(numel / TILE_C)`` rows of TILE_C
+    elements, so that one tile is TILE_R * TILE_C contiguous elements. Tile ``k`` of tensor ``t`` is
+    ``(batch b, row tile rt, column tile ct)`` with ``k - first_tile = (b * row_tiles + rt) * col_tiles + ct``.
+    A zero-size tensor is flat with one empty tile (its step still advances).
+
+    Statistics. The row statistics of all matrices, then their column statistics, form one vector of
+    ``n_stats = n_rows + n_cols`` floats; ``stat_tensor`` names the tensor of each entry. A pass writes per-tile
+    partial sums into one buffer, laid out as: every row's partials (one per column tile), then every column's
+    (one per row tile), then one partial per tile (per-tensor sums such as RMS). ``stat_seg`` holds the
+    segment starts of that buffer (``n_stats + n_tensors + 1``), so that one segment sum finishes row sums, column
+    sums and per-tensor sums at once, in a fixed order. ``batch_seg`` splits the row statistics by matrix (a
+    per-matrix sum over its rows, e.g. mean(R)); ``tile_seg`` splits per-tile partials by tensor.
+
+    ``work`` holds the scratch buffers a launcher keeps between steps (allocated once, reused: no allocation in a
+    captured CUDA graph).
+    """
+
+    key: tuple
+    ptrs: dict  # operand name -> int64 device tensor [n_tensors] of addresses (0 for an absent operand)
+    meta: torch.Tensor  # int64 [n_tensors, len(TILE_META_FIELDS)]
+    tile_tensor: torch.Tensor  # int32 [n_tiles]
+    stat_tensor: torch.Tensor  # int32 [n_stats]
+    stat_seg: torch.Tensor  # int64 [n_stats + n_tensors + 1]
+    batch_seg: torch.Tensor  # int64 [n_batches + 1], row ranges of each matrix within the row statistics
+    tile_seg: torch.Tensor  # int64 [n_tensors + 1], tile ranges of each tensor
+    arrivals: torch.Tensor  # int32 [n_tensors], zeroed (the step protocol of kernels/engine.py)
+    n_tensors: int
+    n_tiles: int
+    n_rows: int  # row statistics of all matrices (sum of B * n)
+    n_cols: int  # column statistics (sum of B * m)
+    n_batches: int  # matrices (sum of B)
+    n_partials: int  # row and column partial sums (the per-tile partials follow them)
+    longest: dict  # longest segment of stat_seg, batch_seg, tile_seg (launch heuristics of the segment sums)
+    tile: tuple  # (TILE_R, TILE_C)
+    aligned: bool  # every address is a multiple of 16 bytes
+    col_multiple: int  # every matrix's m (and TILE_C) is a multiple of this power of two (<= 16)
+    work: dict = field(default_factory=dict)
+    _host: torch.Tensor | None = None
+
+    @property
+    def n_stats(self) -> int:
+        return self.n_rows + self.n_cols
+
+    @classmethod
+    def build(cls, operands: dict, device: torch.device, matrix, tile: tuple | None = None) -> "TileTable":
+        """``operands``: name -> list of tensors (or ``None``s), one entry per tensor, the first list giving the
+        shapes. ``matrix``: one bool per tensor, True to view it as a batch of matrices over its last two dims."""
+        tile_r, tile_c = tile or DEFAULT_TILE
+        names = list(operands)
+        lists = [operands[n] for n in names]
+        count = len(lists[0])
+        if any(len(lst) != count for lst in lists) or len(matrix) != count:
+            raise ValueError("every operand list of a TileTable, and matrix, need one entry per tensor")
+
+        meta, row_lens, col_lens, batch_lens, stat_owner = [], [], [], [], []
+        tiles_total = rows_total = cols_total = batches_total = rowp_total = colp_total = 0
+        col_multiple = 16
+        for i, t in enumerate(lists[0]):
+            numel = t.numel()
+            is_matrix = bool(matrix[i]) and t.dim() >= 2 and numel > 0
+            if is_matrix:
+                n, m = t.shape[-2], t.shape[-1]
+                b = numel // (n * m)
+                col_multiple = math.gcd(col_multiple, m)
+            else:
+                b, n, m = 1, -(-numel // tile_c), tile_c
+            rt, ct = max(1, -(-n // tile_r)), max(1, -(-m // tile_c))
+            tiles = b * rt * ct
+            meta.append([numel, b, n, m, rt, ct, tiles, tiles_total, rows_total, cols_total, batches_total,
+                         rowp_total, colp_total, int(is_matrix)])
+            tiles_total += tiles
+            if is_matrix:
+                row_lens.append(torch.full((b * n,), ct, dtype=torch.int64))
+                col_lens.append(torch.full((b * m,), rt, dtype=torch.int64))
+                batch_lens.append(torch.full((b,), n, dtype=torch.int64))
+                stat_owner.append((i, b * n, b * m))
+                rows_total += b * n
+                cols_total += b * m
+                batches_total += b
+                rowp_total += b * n * ct
+                colp_total += b * m * rt
+        f = {name: k for k, name in enumerate(TILE_META_FIELDS)}
+        for row in meta:  # columns and column partials follow all rows and row partials
+            row[f["col_base"]] += rows_total
+            row[f["col_part_base"]] += rowp_total
+
+        i64 = dict(dtype=torch.int64)
+        tiles_per = torch.tensor([row[f["tiles"]] for row in meta], **i64)
+        tile_seg = torch.cat([torch.zeros(1, **i64), torch.cumsum(tiles_per, 0)])
+        seg_lens = torch.cat(row_lens + col_lens + [tiles_per])
+        stat_seg = torch.cat([torch.zeros(1, **i64), torch.cumsum(seg_lens, 0)])
+        batch_len = torch.cat(batch_lens) if batch_lens else torch.zeros(0, **i64)
+        batch_seg = torch.cat([torch.zeros(1, **i64), torch.cumsum(batch_len, 0)])
+        owners = [torch.full((nr,), i, **i64) for i, nr, _ in stat_owner]
+        owners += [torch.full((nc,), i, **i64) for i, _, nc in stat_owner]
+        stat_tensor = torch.cat(owners) if owners else torch.zeros(0, **i64)
+        tile_tensor = torch.repeat_interleave(torch.arange(count, **i64), tiles_per)
+        longest = {name: int(lens.max()) if lens.numel() else 0
+                   for name, lens in (("stat_seg", seg_lens), ("batch_seg", batch_len), ("tile_seg", tiles_per))}
+
+        # One int64 host buffer, one host->device copy; the device tables are views into it.
+        addrs = [torch.tensor([0 if x is None else x.data_ptr() for x in lst], **i64) for lst in lists]
+        pieces = addrs + [torch.tensor(meta, **i64).reshape(-1), tile_tensor, stat_tensor, stat_seg, batch_seg,
+                          tile_seg, torch.zeros(count, **i64)]
+        host = torch.cat(pieces)
+        if device.type == "cuda":
+            host = host.pin_memory()
+            dev = host.to(device, non_blocking=True)
+        else:
+            dev = host.to(device)
+        views, at = [], 0
+        for piece in pieces:
+            views.append(dev[at:at + piece.numel()])
+            at += piece.numel()
+        meta_t, tile_t, stat_t, stat_seg_t, batch_seg_t, tile_seg_t, arrivals_t = views[len(names):]
+        return cls(
+            key=storage_key(operands),
+            ptrs=dict(zip(names, views[: len(names)])),
+            meta=meta_t.reshape(count, len(TILE_META_FIELDS)),
+            tile_tensor=tile_t.to(torch.int32),
+            stat_tensor=stat_t.to(torch.int32),
+            stat_seg=stat_seg_t,
+            batch_seg=batch_seg_t,
+            tile_seg=tile_seg_t,
+            arrivals=arrivals_t.to(torch.int32),
+            n_tensors=count,
+            n_tiles=tiles_total,
+            n_rows=rows_total,
+            n_cols=cols_total,
+            n_batches=batches_total,
+            n_partials=rowp_total + colp_total,
+            longest=longest,
+            tile=(tile_r, tile_c),
+            aligned=all(int(v) % 16 == 0 for a in addrs for v in a.tolist()),
+            col_multiple=math.gcd(col_multiple, tile_c),
+            _host=host if device.type == "cuda" else None,
+        )

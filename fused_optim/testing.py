@@ -58,7 +58,8 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["ulp", "theta_atol", "state_atol", "assert_close_atol", "assert_within_ulps", "param_ulps", "run_parity",
-           "adam_parity_checks", "BIG_LR_STEPS", "ParityRun"]
+           "adam_parity_checks", "BIG_LR_STEPS", "ParityRun",
+           "ADAFACTOR_NOTES", "sum_gap", "adafactor_gaps"]
 
 EPS32 = 2.0 ** -24
 UPDATE_BOUND = 10.0  # |u| <= UPDATE_BOUND * lr, see above
@@ -99,6 +100,87 @@ def param_ulps(dtype: torch.dtype, master: bool) -> int:
     """Allowed gap of a bf16/fp16 param, in ulps of its dtype (see the module docstring)."""
     return 1 if master else 2
 
+
+
+# ================================================================================================================
+# Adafactor (tests/test_adafactor.py)
+# ================================================================================================================
+ADAFACTOR_NOTES = """Adafactor: why fused and reference differ, and by how much (fp32 math; u = EPS32 = 2^-24).
+
+The kernels (kernels/adafactor.py) perform the reference's fp32 operations in the reference's order, with its
+FMAs, and form every scalar (ρ, α, β̂2, the clipped scale, the decay coefficient) in fp64 from the same fp32
+inputs, as the reference does. What differs is the order of five sums of *positive* terms: the row sums and
+column sums of g² + ε1, ΣR (for mean R), Σθ² (RMS θ) and ΣU² (RMS U). The kernel adds per-tile tree sums in a
+fixed order, torch adds in its own vectorized order. In any order, a sum of k positive terms carries a relative
+error of at most (k - 1) u, so the two results differ by at most
+
+    sum_gap(k) = 2 (k - 1) u                                                    (relative)
+
+Each later fp32 operation rounds both sides once: +2u relative per operation on positive values (its two
+results are each within u of exact values that differ by the propagated relative gap). torch's CPU sqrt is not
+always correctly rounded (module docstring: one ulp on ~17% of inputs) and its rsqrt is not 1 / sqrt (measured
+on torch 2.13: 1.5u from exact, unequal on 13% of inputs; the kernels' 1 / sqrt: 2u): +2u more for each square
+root. With t the step and a factored tensor of n x m matrices (row means over m columns, column means over n
+rows):
+
+    mean of a row:           δ = sum_gap(m) + 2u            (a column: n)
+    R_t = β̂R + (1-β̂)·mean:   δR_t ≤ max(δR_{t-1}, δmean) + 4u      ->  δR_t ≤ δmean + 4u·t
+    mean(R_t) = ΣR / n:       δ ≤ δR_t + sum_gap(n) + 2u
+    rsqrt(R / mean R):        δ ≤ ½(δR_t + δmean(R) + 2u) + 6u     (divide, sqrt, 1/x; ½: the square root)
+    rsqrt(C):                 δ ≤ ½ δC_t + 6u
+    U = (r ⊗ c)·g:            δU ≤ δr + δc + 4u
+    flat (rank 0/1) tensors:  δV_t ≤ 4u·t (identical operations on identical inputs; the 4u·t only covers
+                              torch's add(alpha=) not being one FMA on another CPU), δU ≤ ½δV_t + 8u
+    RMS(U) = sqrt(ΣU² / N):   δ ≤ ½(2δU + sum_gap(N) + 2u) + 2u
+    RMS(θ):                   δ ≤ ½(sum_gap(N) + gap(Σθ²)) + 2u     (gap(Σθ²): of the params themselves, measured)
+    α = ρ·max(ε2, RMS θ):     δα ≤ δRMS(θ) + 2u                         (0 without scale_parameter)
+    scale = α / max(1, RMS(U)/d):  δ ≤ δα + δRMS(U) + 2u
+    update = U·scale:         δu ≤ δU + δscale + 2u
+
+Relative bounds turn absolute with the reference's own magnitudes at that step (a property of the trajectory,
+recorded by the test, not of the result under test): |u_t| ≤ max|θ_t - θ_{t-1}| + λα_t max|θ_{t-1}|
+without momentum, |u_t| ≤ (max|m_t| + β1 max|m_{t-1}|) / (1 - β1) with it. Per step, the gaps may grow by
+
+    momentum:  gap(m_t) ≤ β1 gap(m_{t-1}) + (1 - β1) δu |u_t| + 4u max|m_t|
+    param:     gap(θ_t) ≤ (1 + λα_t) gap(θ_{t-1}) + λα_t δα max|θ_{t-1}| + gap(update_t) + 4u max|θ|
+
+(the last terms: two roundings, β1·m and the FMA, or the decay FMA and θ - update; rounding two different
+inputs adds at most one ulp, ≤ 2u |x|, to their gap, per operation)
+
+and the test checks these increments at every step, on fp32 params and master weights (bf16/fp16 params are
+compared in ulps of their dtype, as for Adam: param_ulps). A formula error moves a param by a sizeable fraction
+of |u_t| per step; the worst-case sum gaps above are ~2·4096 u ≈ 5e-4 of |u_t| for the largest test tensor.
+"""
+
+
+def sum_gap(k: int) -> float:
+    """Relative gap between two fp32 sums of the same k positive terms in different orders."""
+    return 2.0 * max(k - 1, 0) * EPS32
+
+
+def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter: bool = True) -> dict:
+    """Relative gaps (fused vs reference) at step ``t`` of one tensor of ``shape``: ``row``/``col`` (R_t, C_t),
+    ``V`` (V_t), ``alpha``, ``update`` (the scaled update before momentum). ``theta_sq_gap``: the relative gap
+    between Σθ² of the two params before this step, measured exactly (fp64) by the test: 0 while they agree
+    bitwise; a bf16 param one ulp apart on a few elements moves it by about that few ulps over N."""
+    u = EPS32
+    numel = 1
+    for d in shape:
+        numel *= d
+    out = {}
+    if len(shape) >= 2:
+        n, m = shape[-2], shape[-1]
+        out["row"] = sum_gap(m) + 2 * u + 4 * u * t
+        out["col"] = sum_gap(n) + 2 * u + 4 * u * t
+        mean_r = out["row"] + sum_gap(n) + 2 * u
+        d_u = (0.5 * (out["row"] + mean_r + 2 * u) + 6 * u) + (0.5 * out["col"] + 6 * u) + 4 * u
+    else:
+        out["V"] = 4 * u * t
+        d_u = 0.5 * out["V"] + 8 * u
+    rms_u = 0.5 * (2 * d_u + sum_gap(numel) + 2 * u) + 2 * u
+    out["alpha"] = (0.5 * (sum_gap(numel) + theta_sq_gap) + 4 * u) if scale_parameter else 0.0
+    out["update"] = d_u + out["alpha"] + rms_u + 4 * u
+    return out
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running a fused backend and the reference side by side (tests/test_parity.py and ``python -m fused_optim check``)

@@ -7,8 +7,9 @@ the engine's tables, in order.
 Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on CPU tensors (how CI tests them).
 """
 from . import engine
+from .adafactor import adafactor
 from .adam import adam
 
-RULES = {"adam": adam}
+RULES = {"adam": adam, "adafactor": adafactor}
 
 __all__ = ["engine", "RULES"]

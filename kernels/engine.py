@@ -29,6 +29,10 @@ last reader, writes ``step + 1`` and resets the counter to 0 for the next step. 
 result is deterministic; there is no float atomic anywhere. A zero-size tensor still gets one (empty) block so
 that its step advances, as in torch.
 
+The "2-D tile map" section at the end does the same for rules that need row and column statistics of matrices
+(Adafactor): a tile map (fused_optim.tables.TileTable), per-tile row/column partial sums, ``segment_sums`` to
+finish them in a fixed order, and the step protocol on tiles (``last_tile_of_tensor``).
+
 Run under ``TRITON_INTERPRET=1`` with CPU tensors, the same code is what CI tests (see tests/README.md).
 """
 from __future__ import annotations
@@ -205,3 +209,157 @@ def segment_sum(partials: torch.Tensor, seg_start: torch.Tensor, out: torch.Tens
     if n_s > 0 and n_q > 0:
         launch_grid(_segment_sum_kernel, (n_s, n_q), (partials, seg_start, out, n_p, n_s), dict(CHUNK=SEGMENT_CHUNK))
     return out
+
+
+# ==============================================================================================================
+# 2-D tile map: per-tile row and column partial sums of matrices (Adafactor's factored second moments).
+#
+# The tables are fused_optim.tables.TileTable: each tensor is a batch of n x m matrices (or flat), cut into
+# TILE_R x TILE_C tiles, one program per tile. A tile pass writes, per tile, TILE_R row partials and TILE_C column
+# partials into one buffer (``store_tile_partials``) and/or one per-tile total (at ``n_partials + tile``); the
+# statistics are then finished by ``segment_sums`` over ``TileTable.stat_seg`` (row sums, column sums and
+# per-tensor sums in one launch), a separate, visible step: under FSDP an all-reduce of its output goes there.
+# ``stat_of`` walks the finished statistics vector (row statistics of every matrix, then column statistics) for
+# elementwise work on it. ``last_tile_of_tensor`` is the step protocol of this map (see the module docstring).
+# ==============================================================================================================
+from fused_optim.tables import TILE_META_FIELDS, TileTable  # noqa: E402,F401  (re-exported)
+
+TM_WIDTH = tl.constexpr(len(TILE_META_FIELDS))
+TM_NUMEL = tl.constexpr(TILE_META_FIELDS.index("numel"))
+TM_BATCHES = tl.constexpr(TILE_META_FIELDS.index("batches"))
+TM_ROWS = tl.constexpr(TILE_META_FIELDS.index("rows"))
+TM_COLS = tl.constexpr(TILE_META_FIELDS.index("cols"))
+TM_ROW_TILES = tl.constexpr(TILE_META_FIELDS.index("row_tiles"))
+TM_COL_TILES = tl.constexpr(TILE_META_FIELDS.index("col_tiles"))
+TM_TILES = tl.constexpr(TILE_META_FIELDS.index("tiles"))
+TM_FIRST_TILE = tl.constexpr(TILE_META_FIELDS.index("first_tile"))
+TM_ROW_BASE = tl.constexpr(TILE_META_FIELDS.index("row_base"))
+TM_COL_BASE = tl.constexpr(TILE_META_FIELDS.index("col_base"))
+TM_BATCH_BASE = tl.constexpr(TILE_META_FIELDS.index("batch_base"))
+TM_ROW_PART_BASE = tl.constexpr(TILE_META_FIELDS.index("row_part_base"))
+TM_COL_PART_BASE = tl.constexpr(TILE_META_FIELDS.index("col_part_base"))
+TM_MATRIX = tl.constexpr(TILE_META_FIELDS.index("matrix"))
+
+STAT_BLOCK = 1024  # entries of the statistics vector per program of a ``launch_stats`` kernel
+
+
+@triton.jit
+def tile_of(tile_tensor, meta, TILE_R: tl.constexpr, TILE_C: tl.constexpr, COL_MULTIPLE: tl.constexpr):
+    """The tile this program owns: tensor ``t``, its meta row ``tm`` (read fields as ``tl.load(tm + TM_...)``),
+    matrix ``b``, row tile ``rt``, column tile ``ct``, the tile's row and column indices ``r`` [TILE_R] and
+    ``c`` [TILE_C] (int64), the matrix size ``n`` x ``m``, element offsets ``offs`` [TILE_R, TILE_C] in the tensor,
+    their mask, and whether the tile is full (then loads and stores need no mask).
+
+    ``COL_MULTIPLE``: every matrix's column count is a multiple of it (host-checked); with 16-byte-aligned
+    addresses, full tiles then load rows as vectors. (Meta fields are loaded inline rather than through a helper:
+    under TRITON_INTERPRET every nested jit call costs about a millisecond, and CI runs the interpreter.)"""
+    pid = tl.program_id(0)
+    t = tl.load(tile_tensor + pid)
+    tm = meta + t * TM_WIDTH
+    numel = tl.load(tm + TM_NUMEL)
+    n = tl.load(tm + TM_ROWS)
+    m = tl.load(tm + TM_COLS)
+    if COL_MULTIPLE > 1:
+        m = tl.multiple_of(m, COL_MULTIPLE)
+    n_ct = tl.load(tm + TM_COL_TILES)
+    n_rt = tl.load(tm + TM_ROW_TILES)
+    local = pid - tl.load(tm + TM_FIRST_TILE)
+    ct = local % n_ct
+    rt = (local // n_ct) % n_rt
+    b = local // (n_ct * n_rt)
+    r = rt * TILE_R + tl.arange(0, TILE_R).to(tl.int64)
+    c = ct * TILE_C + tl.arange(0, TILE_C).to(tl.int64)
+    offs = ((b * n + r) * m)[:, None] + c[None, :]
+    mask = ((r < n)[:, None] & (c < m)[None, :]) & (offs < numel)
+    # A flat tensor's last tile may end inside a row: the third test.
+    full = ((rt + 1) * TILE_R <= n) & ((ct + 1) * TILE_C <= m) & (
+        (b * n + (rt + 1) * TILE_R - 1) * m + (ct + 1) * TILE_C <= numel)
+    return t, tm, b, rt, ct, r, c, n, m, offs, mask, full
+
+
+@triton.jit
+def store_tile_partials(partials, tm, b, rt, ct, r, c, n, m, row_part, col_part):
+    """Write a tile's row partials [TILE_R] and column partials [TILE_C] at their places in the partials
+    buffer: row (b, r) owns ``col_tiles`` consecutive partials, column (b, c) owns ``row_tiles``."""
+    row_at = tl.load(tm + TM_ROW_PART_BASE) + (b * n + r) * tl.load(tm + TM_COL_TILES) + ct
+    col_at = tl.load(tm + TM_COL_PART_BASE) + (b * m + c) * tl.load(tm + TM_ROW_TILES) + rt
+    tl.store(partials + row_at, row_part, mask=r < n)
+    tl.store(partials + col_at, col_part, mask=c < m)
+
+
+@triton.jit
+def last_tile_of_tensor(arrivals, t, tm):
+    """The step protocol of ``last_block_of_tensor`` on the tile map: True in exactly one program per tensor,
+    the last of its tiles to arrive, which then writes the new step; resets the counter for the next launch."""
+    arrived = tl.atomic_add(arrivals + t, 1, sem="acq_rel")
+    last = arrived == (tl.load(tm + TM_TILES) - 1).to(tl.int32)
+    if last:
+        tl.store(arrivals + t, 0)
+    return last
+
+
+@triton.jit
+def stat_of(stat_tensor, meta, n_rows, n_stats, BLOCK: tl.constexpr):
+    """Entries of the statistics vector this program owns: their index ``i`` (int64) and mask, the tensor ``t``
+    of each, whether it is a row statistic, and its index ``j`` among that tensor's B * n row (or B * m column)
+    statistics. The mean of a row statistic is over the tensor's ``cols``, of a column statistic over ``rows``."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = i < n_stats
+    t = tl.load(stat_tensor + i, mask=mask, other=0)
+    is_row = i < n_rows
+    row_base = tl.load(meta + t * TM_WIDTH + TM_ROW_BASE, mask=mask, other=0)
+    col_base = tl.load(meta + t * TM_WIDTH + TM_COL_BASE, mask=mask, other=0)
+    j = i - tl.where(is_row, row_base, col_base)
+    return i, mask, t, is_row, j
+
+
+@triton.jit
+def _segment_sums_kernel(partials, seg_start, out, n_segments, SEGS: tl.constexpr, CHUNK: tl.constexpr):
+    """out[s] = sum(partials[seg_start[s] : seg_start[s + 1]]) for SEGS consecutive segments per program."""
+    s = tl.program_id(0).to(tl.int64) * SEGS + tl.arange(0, SEGS).to(tl.int64)
+    valid = s < n_segments
+    lo = tl.load(seg_start + s, mask=valid, other=0)
+    hi = tl.load(seg_start + s + 1, mask=valid, other=0)
+    longest = tl.max(hi - lo, axis=0)
+    acc = tl.zeros([SEGS, CHUNK], dtype=tl.float32)
+    for k in range(0, longest, CHUNK):
+        offs = lo[:, None] + k + tl.arange(0, CHUNK).to(tl.int64)[None, :]
+        acc += tl.load(partials + offs, mask=offs < hi[:, None], other=0.0)
+    tl.store(out + s, tl.sum(acc, axis=1), mask=valid)
+
+
+def segment_sums(partials: torch.Tensor, seg_start: torch.Tensor, out: torch.Tensor, longest: int, *,
+                 max_chunk: int = 256) -> torch.Tensor:
+    """``segment_sum`` for many segments of any length (row and column statistics: hundreds of thousands of
+    segments of a few partials each, next to a few long ones): ``out[s] = sum(partials[seg_start[s]:
+    seg_start[s+1]])`` for 1-D fp32 ``partials`` and int64 ``seg_start`` [S + 1].
+
+    One program sums SEGS consecutive segments as a [SEGS, CHUNK] tile, CHUNK = the longest segment rounded up
+    to a power of two within [16, max_chunk] (``longest``: known on the host, no device read), SEGS = 4096 /
+    CHUNK. Each segment is summed in a fixed order (lane k adds partials k, k + CHUNK, ..., then a tree over the
+    lanes): same inputs, bitwise the same sums on every run; no float atomics. One launch."""
+    n_s = seg_start.numel() - 1
+    if n_s > 0:
+        chunk = min(max_chunk, max(16, triton.next_power_of_2(max(1, longest))))
+        segs = max(1, 4096 // chunk)
+        launch_grid(_segment_sums_kernel, (triton.cdiv(n_s, segs),), (partials, seg_start, out, n_s),
+                    dict(SEGS=segs, CHUNK=chunk))
+    return out
+
+
+def launch_tiles(kernel, table: TileTable, *args, **constexprs) -> None:
+    """Launch ``kernel`` once over the whole tile map of ``table``: one program per tile. The tile map and the
+    arrival counters follow ``args``; TILE_R, TILE_C, ALIGNED and COL_MULTIPLE are added to the constexprs."""
+    tile_r, tile_c = table.tile
+    launch_grid(kernel, (table.n_tiles,), (*args, table.tile_tensor, table.meta, table.arrivals),
+                dict(TILE_R=tile_r, TILE_C=tile_c, ALIGNED=table.aligned, COL_MULTIPLE=table.col_multiple,
+                     **constexprs))
+
+
+def launch_stats(kernel, table: TileTable, *args, **constexprs) -> None:
+    """Launch ``kernel`` once over the statistics vector of ``table`` (STAT_BLOCK entries per program); the
+    owner map, meta table, n_rows and n_stats follow ``args``."""
+    if table.n_stats:
+        launch_grid(kernel, (triton.cdiv(table.n_stats, STAT_BLOCK),),
+                    (*args, table.stat_tensor, table.meta, table.n_rows, table.n_stats),
+                    dict(BLOCK=STAT_BLOCK, **constexprs))

@@ -4,9 +4,10 @@ Readable per-tensor PyTorch, one function per optimizer, written in the symbols 
 optimizer class's docstring. It favours clarity over speed: it may read scalars to the host (``float(step)``),
 loops over tensors in Python, and computes in fp32 for bf16/fp16 params (fp64 for fp64 params).
 """
+from .adafactor import adafactor
 from .adam import adam
 
 # rule name -> per-tensor reference function; the dispatcher looks rules up here.
-RULES = {"adam": adam}
+RULES = {"adam": adam, "adafactor": adafactor}
 
-__all__ = ["adam", "RULES"]
+__all__ = ["adam", "adafactor", "RULES"]

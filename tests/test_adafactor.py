@@ -1,0 +1,530 @@
+"""FusedAdafactor: every usable fused backend against the reference, step by step over 20 steps (params and every
+state tensor, awkward shapes, every option, fp32/bf16, master weights, lr as a device tensor); the reference
+against an independent float64 oracle written here from the formula of issue 5 (and against transformers'
+Adafactor when it is installed); state memory; bitwise-deterministic reruns; GradScaler; launches per step;
+validation. Tolerances: tests/tolerances.py, ADAFACTOR_NOTES (derived there; checked here at every step).
+
+Interpreter budget (TRITON_INTERPRET, ~10-25 ms per program): a step is 3 tile passes (one program per
+32 x 128 tile) plus 4 small launches, so the option variants run on a 4-tile shape set and the awkward shapes
+once per dtype.
+    pytest tests/test_adafactor.py -q
+"""
+import math
+
+import pytest
+import torch
+
+import fused_optim
+from cases import case_id, fused_backends
+from conftest import DEVICE
+from fused_optim.reference.adafactor import relative_step_size
+from test_parity import BIG_LR_STEPS, GRAD_SCALES, clone_params, make_params
+from tolerances import EPS32, adafactor_gaps, assert_within_ulps, param_ulps
+
+BACKENDS = fused_backends()
+STEPS = 20
+
+# 0-d, one element, odd 1-D crossing a 4096-element flat tile, tall (crosses a 32-row tile), wide and crossing
+# both tile dims (one full 32 x 128 tile), 1 x n, n x 1 (crosses 32 rows), 3-D and 4-D (leading dims are
+# batches), zero-size 1-D and matrix. Gradient scales span 1e-3 .. 1e2 across tensors (GRAD_SCALES).
+SHAPES = [(), (37,), (4097,), (40, 6), (33, 129), (1, 67), (33, 1), (2, 3, 5), (2, 1, 3, 5), (0,), (0, 5)]
+SMALL = [(37,), (3, 17), (2, 5, 9)]  # 4 tiles: flat, a matrix, a batch of two
+
+VARIANTS = {
+    "default": dict(),
+    "warmup-beta1-wd": dict(warmup_init=True, beta1=0.9, weight_decay=0.1),
+    # lr given (a device tensor in the test), no parameter scaling, clipping active (d = 0.25 < RMS(U) ~ 1)
+    "lr-unscaled-clip-wd": dict(relative_step=False, lr=5e-2, scale_parameter=False, clip_threshold=0.25,
+                                weight_decay=0.05),
+    # momentum with β1 < 0.5, another decay exponent, an ε1 that matters for the 1e-3-scaled grads
+    "lr-beta1-decay-eps": dict(relative_step=False, lr=3e-2, beta1=0.3, decay_rate=-0.5, eps=(1e-3, 1e-2),
+                               weight_decay=0.02),
+}
+
+
+def _theta(opt, p):
+    st = opt.state[p]
+    return st["master_param"] if "master_param" in st else p.detach()
+
+
+def _max(x):
+    return x.abs().max().item() if x is not None and x.numel() else 0.0  # None: a state not created yet (0)
+
+
+def run_pair(shapes, dtype, variant, backend, *, master=False, lr_tensor=False, steps=STEPS):
+    """Step a fused-backend optimizer and a reference one on identical grads; after every step, check the gaps
+    of params and state against the bounds of tests/tolerances.py (ADAFACTOR_NOTES). Returns both."""
+    fused_params = make_params(dtype, shapes=shapes)
+    ref_params = clone_params(fused_params)
+    kw = dict(variant)
+    base_lr = kw.pop("lr", None)
+    lr_f = torch.tensor(base_lr, device=DEVICE) if lr_tensor else base_lr
+    fused = fused_optim.FusedAdafactor(fused_params, lr=lr_f, backend=backend, master_weights=master, **kw)
+    ref = fused_optim.FusedAdafactor(ref_params, lr=base_lr, backend="reference", master_weights=master, **kw)
+    group = ref.param_groups[0]
+    beta1, lam = group["beta1"], group["weight_decay"]
+    exact = dtype == torch.float32 or master  # fp32 values to compare with the derived bounds
+    gap_m = [0.0] * len(shapes)
+    for t in range(1, steps + 1):
+        if base_lr is not None:  # a 20x learning rate on two steps, as the other parity tests
+            step_lr = base_lr * (20.0 if t - 1 in BIG_LR_STEPS else 1.0)
+            group["lr"] = step_lr
+            if lr_tensor:
+                fused.param_groups[0]["lr"].fill_(step_lr)
+            else:
+                fused.param_groups[0]["lr"] = step_lr
+        before = []
+        for pf, pr in zip(fused_params, ref_params):
+            th_f, th_r = _theta(fused, pf).double(), _theta(ref, pr).double()
+            m_r = ref.state[pr]["exp_avg"].clone() if beta1 is not None and "exp_avg" in ref.state[pr] else None
+            sq_r = th_r.square().sum().item()
+            before.append(dict(theta=th_r.clone(), gap=_max(th_f - th_r), m=m_r,
+                               sq_gap=abs(th_f.square().sum().item() - sq_r) / sq_r if sq_r else 0.0,
+                               rms=math.sqrt(sq_r / th_r.numel()) if th_r.numel() else 0.0))
+        for pf, pr, scale in zip(fused_params, ref_params, GRAD_SCALES * 2):
+            g = (torch.randn(pf.shape, device=DEVICE) * scale).to(dtype)
+            pf.grad, pr.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+
+        for i, (pf, pr, b) in enumerate(zip(fused_params, ref_params, before)):
+            sf, sr = fused.state[pf], ref.state[pr]
+            where = f"param {i} {tuple(pr.shape)} step {t}"
+            assert set(sf) == set(sr), f"{where}: state keys {sorted(sf)} != {sorted(sr)}"
+            assert sf["step"].dtype == torch.float32 and float(sf["step"]) == float(sr["step"]) == t, where
+            if pr.numel() == 0:
+                continue
+            gaps = adafactor_gaps(tuple(pr.shape), t, theta_sq_gap=b["sq_gap"],
+                                  scale_parameter=group["scale_parameter"])
+            for key, rel in (("exp_avg_sq_row", gaps.get("row")), ("exp_avg_sq_col", gaps.get("col")),
+                             ("exp_avg_sq", gaps.get("V"))):
+                if key in sr:
+                    assert sf[key].dtype == torch.float32 and sf[key].shape == sr[key].shape, f"{where} {key}"
+                    over = (sf[key].double() - sr[key].double()).abs() - rel * sr[key].double().abs()
+                    assert over.max().item() <= 0, f"{where}: {key} gap over its bound {rel:.3g} (relative)"
+            rho = relative_step_size(t, lr=group["lr"], relative_step=group["relative_step"],
+                                     warmup_init=group["warmup_init"])
+            alpha = rho * max(group["eps"][1], b["rms"]) if group["scale_parameter"] else rho
+            theta_r = _theta(ref, pr).double()
+            if beta1 is None:
+                u_max = _max(theta_r - b["theta"]) + lam * alpha * _max(b["theta"])
+                update_gap = gaps["update"] * u_max
+            else:  # the update is m_t: its gap is measured, and bounded here
+                m_f, m_r = sf["exp_avg"].double(), sr["exp_avg"].double()
+                u_max = (_max(m_r) + beta1 * _max(b["m"])) / (1 - beta1)
+                allowed = beta1 * gap_m[i] + (1 - beta1) * gaps["update"] * u_max + 4 * EPS32 * _max(m_r)
+                gap_m[i] = _max(m_f - m_r)
+                assert gap_m[i] <= allowed, f"{where}: exp_avg gap {gap_m[i]:.3g} > {allowed:.3g}"
+                update_gap = gap_m[i]
+            if exact:
+                allowed = ((1 + lam * alpha) * b["gap"] + lam * alpha * gaps["alpha"] * _max(b["theta"])
+                           + update_gap + 4 * EPS32 * max(_max(theta_r), _max(b["theta"])))
+                gap = _max(_theta(fused, pf).double() - theta_r)
+                assert gap <= allowed, f"{where}: param gap {gap:.3g} > {allowed:.3g} (fp32 bound)"
+            if dtype != torch.float32:
+                assert_within_ulps(pf.detach(), pr.detach(), param_ulps(dtype, master), f"{where} ({dtype})")
+    return fused, ref, fused_params, ref_params
+
+
+def _moved(params_before, params):
+    return any(not torch.equal(a, b.detach()) for a, b in zip(params_before, params) if b.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_shapes(backend, dtype):
+    """Awkward shapes with the default options (relative step, parameter scaling, clipping at 1). bf16 runs the
+    4-tile set: the rounding paths do not depend on the shape, and the interpreter runs one call per tile."""
+    shapes = SHAPES if dtype == torch.float32 else SMALL
+    start = [p.clone() for p in make_params(dtype, shapes=shapes)]
+    fused, ref, pf, pr = run_pair(shapes, dtype, VARIANTS["default"], backend)
+    assert _moved(start, pf), "the test did not move any param"
+    for p in pf:
+        st = fused.state[p]
+        assert ("exp_avg_sq_row" in st) == (p.dim() >= 2) and ("exp_avg_sq" in st) == (p.dim() < 2)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "default"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_options(backend, variant):
+    run_pair(SMALL, torch.float32, VARIANTS[variant], backend, lr_tensor="lr" in VARIANTS[variant])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parity_bf16_master_weights(backend):
+    fused, _, pf, _ = run_pair(SMALL, torch.bfloat16, VARIANTS["lr-beta1-decay-eps"], backend, master=True)
+    for p in pf:
+        assert fused.state[p]["master_param"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference against an independent oracle: issue 5's formula, float64, plain Python loops.
+# ----------------------------------------------------------------------------------------------------------------
+class Oracle:
+    """Adafactor as written in issue 5 (Shazeer & Stern 2018, transformers' semantics), one element at a time."""
+
+    def __init__(self, shape, *, lr=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+                 weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False):
+        self.shape, self.t = tuple(shape), 0
+        self.hp = dict(lr=lr, eps1=eps[0], eps2=eps[1], d=clip_threshold, c=decay_rate, beta1=beta1,
+                       lam=weight_decay, scale=scale_parameter, relative=relative_step, warmup=warmup_init)
+        self.factored = len(self.shape) >= 2
+        if self.factored:
+            self.n, self.m = self.shape[-2], self.shape[-1]
+            self.batches = math.prod(self.shape[:-2])
+            self.R = [[0.0] * self.n for _ in range(self.batches)]
+            self.C = [[0.0] * self.m for _ in range(self.batches)]
+        else:
+            self.V = [0.0] * math.prod(self.shape)
+        self.mom = [0.0] * math.prod(self.shape)
+
+    def step(self, theta: list, g: list) -> list:
+        h = self.hp
+        self.t += 1
+        t, N = self.t, len(theta)
+        if h["relative"]:
+            rho = min(1e-6 * t if h["warmup"] else 1e-2, 1.0 / math.sqrt(t))
+        else:
+            rho = h["lr"]
+        rms_theta = math.sqrt(sum(x * x for x in theta) / N)
+        alpha = rho * max(h["eps2"], rms_theta) if h["scale"] else rho
+        beta2 = 1.0 - t ** h["c"]
+        sq = [x * x + h["eps1"] for x in g]
+        U = [0.0] * N
+        if self.factored:
+            n, m = self.n, self.m
+            for b in range(self.batches):
+                at = lambda i, j: b * n * m + i * m + j  # noqa: E731
+                for i in range(n):
+                    row_mean = sum(sq[at(i, j)] for j in range(m)) / m
+                    self.R[b][i] = beta2 * self.R[b][i] + (1 - beta2) * row_mean
+                for j in range(m):
+                    col_mean = sum(sq[at(i, j)] for i in range(n)) / n
+                    self.C[b][j] = beta2 * self.C[b][j] + (1 - beta2) * col_mean
+                mean_r = sum(self.R[b]) / n
+                for i in range(n):
+                    for j in range(m):
+                        v_hat = self.R[b][i] * self.C[b][j] / mean_r
+                        U[at(i, j)] = g[at(i, j)] / math.sqrt(v_hat)
+        else:
+            for k in range(N):
+                self.V[k] = beta2 * self.V[k] + (1 - beta2) * sq[k]
+                U[k] = g[k] / math.sqrt(self.V[k])
+        rms_u = math.sqrt(sum(x * x for x in U) / N)
+        U = [alpha * x / max(1.0, rms_u / h["d"]) for x in U]
+        if h["beta1"] is not None:
+            self.mom = [h["beta1"] * mk + (1 - h["beta1"]) * uk for mk, uk in zip(self.mom, U)]
+            U = list(self.mom)
+        return [x - h["lam"] * alpha * x - uk for x, uk in zip(theta, U)]
+
+
+ORACLE_SHAPES = [(), (7,), (5, 3), (1, 6), (6, 1), (2, 3, 4), (2, 1, 2, 3)]
+ORACLE_CONFIGS = {**VARIANTS, "unscaled-clip-beta1_0": dict(scale_parameter=False, clip_threshold=0.5, beta1=0.0)}
+ORACLE_STEPS = 12
+# float64 against float64 over 12 steps, ~60 rounded operations per element and step, |θ| <~ 4: ~1e-13 at most;
+# 1e-11 leaves room for the different summation orders without hiding a formula difference (that would show
+# at the scale of one update, ~1e-2 |θ|).
+F64_ATOL = 1e-11
+
+
+def _f64_params(seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in ORACLE_SHAPES]
+
+
+def _f64_grads(step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) * GRAD_SCALES[i % len(GRAD_SCALES)]
+            for i, s in enumerate(ORACLE_SHAPES)]
+
+
+@pytest.mark.parametrize("config", ORACLE_CONFIGS.values(), ids=ORACLE_CONFIGS.keys())
+def test_reference_matches_float64_oracle(config):
+    params = _f64_params(0)
+    oracles = [Oracle(p.shape, **config) for p in params]
+    thetas = [p.detach().reshape(-1).tolist() for p in params]
+    opt = fused_optim.FusedAdafactor(params, backend="reference", **config)
+    for k in range(ORACLE_STEPS):
+        grads = _f64_grads(k)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        thetas = [o.step(th, g.reshape(-1).tolist()) for o, th, g in zip(oracles, thetas, grads)]
+    for i, (p, o, th) in enumerate(zip(params, oracles, thetas)):
+        want = torch.tensor(th, dtype=torch.float64).reshape(p.shape)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=F64_ATOL, msg=lambda m: f"param {i}: {m}")
+        st = opt.state[p]
+        wants = ({"exp_avg_sq_row": sum(o.R, []), "exp_avg_sq_col": sum(o.C, [])} if o.factored
+                 else {"exp_avg_sq": o.V})
+        for key, values in wants.items():
+            torch.testing.assert_close(st[key].reshape(-1), torch.tensor(values, dtype=torch.float64),
+                                       rtol=1e-12, atol=0, msg=lambda m: f"param {i} {key}: {m}")
+
+
+def test_oracle_would_catch_a_formula_change():
+    """The oracle comparison can fail: a decay exponent of -0.7 instead of -0.8 moves the params past F64_ATOL."""
+    params = _f64_params(0)
+    oracles = [Oracle(p.shape, decay_rate=-0.7) for p in params]
+    thetas = [p.detach().reshape(-1).tolist() for p in params]
+    opt = fused_optim.FusedAdafactor(params, backend="reference")
+    for k in range(3):
+        grads = _f64_grads(k)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        thetas = [o.step(th, g.reshape(-1).tolist()) for o, th, g in zip(oracles, thetas, grads)]
+    worst = max((p.detach().reshape(-1) - torch.tensor(th, dtype=torch.float64)).abs().max().item()
+                for p, th in zip(params, thetas))
+    assert worst > 100 * F64_ATOL
+
+
+@pytest.mark.parametrize("config", ORACLE_CONFIGS.values(), ids=ORACLE_CONFIGS.keys())
+def test_reference_matches_transformers(config):
+    """transformers' Adafactor in float64: same formula, same order of operations, so ~1e-16 relative."""
+    transformers_optimization = pytest.importorskip("transformers.optimization")
+    ours, theirs = _f64_params(0), _f64_params(0)
+    a = fused_optim.FusedAdafactor(ours, backend="reference", **config)
+    b = transformers_optimization.Adafactor(theirs, **config)
+    for k in range(ORACLE_STEPS):
+        for p, q, g in zip(ours, theirs, _f64_grads(k)):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        torch.testing.assert_close(p, q, rtol=0, atol=F64_ATOL, msg=lambda m: f"param {i}: {m}")
+        for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"):
+            assert (key in a.state[p]) == (key in b.state[q]), key
+            if key in b.state[q]:
+                torch.testing.assert_close(a.state[p][key], b.state[q][key], rtol=1e-12, atol=1e-300)
+
+
+def test_state_dict_from_transformers():
+    """A transformers Adafactor state_dict (int step, an extra RMS entry) loads and training continues alike."""
+    transformers_optimization = pytest.importorskip("transformers.optimization")
+    ours, theirs = _f64_params(0), _f64_params(0)
+    config = dict(beta1=0.9, weight_decay=0.1)
+    warm = transformers_optimization.Adafactor(ours, **config)
+    ref = transformers_optimization.Adafactor(theirs, **config)
+    for k in range(4):
+        for p, q, g in zip(ours, theirs, _f64_grads(k)):
+            p.grad, q.grad = g.clone(), g.clone()
+        warm.step()
+        ref.step()
+    opt = fused_optim.FusedAdafactor(ours, backend="reference", **config)
+    opt.load_state_dict(warm.state_dict())
+    assert opt.state[ours[3]]["step"].dtype == torch.float32 and float(opt.state[ours[3]]["step"]) == 4
+    for k in range(4, 8):
+        for p, q, g in zip(ours, theirs, _f64_grads(k)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=F64_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory, determinism, launches, GradScaler, validation.
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factored_state_is_rows_plus_columns(backend):
+    """An n x m matrix keeps n + m floats of second-moment state (per matrix of a batch), no n x m tensor; the
+    step's scratch buffers are O(n + m + tiles), not O(n m)."""
+    shapes = [(64, 300), (3, 10, 7)]
+    params = [torch.randn(s, device=DEVICE).requires_grad_() for s in shapes]
+    opt = fused_optim.FusedAdafactor(params, backend=backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        st = opt.state[p]
+        assert set(st) == {"step", "exp_avg_sq_row", "exp_avg_sq_col"}
+        assert st["exp_avg_sq_row"].shape == p.shape[:-1] and st["exp_avg_sq_col"].shape == p.shape[:-2] + p.shape[-1:]
+        state_floats = sum(v.numel() for k, v in st.items() if k != "step")
+        batches = math.prod(p.shape[:-2])
+        assert state_floats == batches * (p.shape[-2] + p.shape[-1]) < p.numel()
+    (table,) = opt._tables.values()
+    tile_r, tile_c = table.tile
+    scratch = sum(buf.numel() for buf in table.work.values())
+    numel = sum(p.numel() for p in params)
+    rows_cols = sum(math.prod(p.shape[:-2]) * (p.shape[-2] + p.shape[-1]) for p in params)
+    # partials: one per (row, column tile) and (column, row tile), one per tile; statistics: rows + columns
+    assert scratch <= 2 * rows_cols + numel / tile_c + numel / tile_r + 3 * table.n_tiles + 4 * len(params) + 64
+    assert scratch < numel / 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reruns_are_bitwise_equal(backend):
+    """Row/column statistics and RMS sums are reduced in a fixed order: two runs agree bit for bit."""
+    def run():
+        torch.manual_seed(7)
+        params = [torch.randn(s, device=DEVICE).requires_grad_() for s in SMALL]
+        opt = fused_optim.FusedAdafactor(params, beta1=0.5, backend=backend)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return params, opt
+    (pa, oa), (pb, ob) = run(), run()
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        for key in oa.state[a]:
+            assert torch.equal(oa.state[a][key], ob.state[b][key]), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_roundtrip_continues_bitwise(backend):
+    """Saved after 2 steps and loaded into a new optimizer (new state storage: the tile table is rebuilt), the
+    next 2 steps are bitwise those of an uninterrupted run."""
+    import io
+    gen = torch.Generator().manual_seed(3)
+    grads = [[torch.randn(s, generator=gen).to(DEVICE) for s in SMALL] for _ in range(4)]
+
+    def params():
+        g = torch.Generator().manual_seed(4)
+        return [torch.randn(s, generator=g).to(DEVICE).requires_grad_() for s in SMALL]
+
+    def steps(opt, ps, ks):
+        for k in ks:
+            for p, g in zip(ps, grads[k]):
+                p.grad = g.clone()
+            opt.step()
+    a, b = params(), params()
+    steps(fused_optim.FusedAdafactor(a, beta1=0.9, backend=backend), a, range(4))
+    first = fused_optim.FusedAdafactor(b, beta1=0.9, backend=backend)
+    steps(first, b, range(2))
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second = fused_optim.FusedAdafactor(b, beta1=0.9, backend=backend)
+    second.load_state_dict(torch.load(buf, weights_only=True))
+    steps(second, b, range(2, 4))
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and float(second.state[q]["step"]) == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_launches_per_step_do_not_grow_with_tensors(backend):
+    from fused_optim.kernels import engine
+
+    def launches(shapes):
+        params = [torch.randn(s, device=DEVICE).requires_grad_() for s in shapes]
+        opt = fused_optim.FusedAdafactor(params, backend=backend)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        before = engine.LAUNCHES["count"]
+        opt.step()
+        return engine.LAUNCHES["count"] - before
+    assert launches([(3, 4), (5,)]) == launches([(3, 4)] * 6 + [(5,)] * 6) == 7
+    assert launches([(5,), ()]) == 5  # no matrix: no row/column statistics to finish
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_skip_and_unscale(backend):
+    """found_inf set: nothing moves, step included. Then a scaled grad: the same step as the reference on the
+    unscaled grad, and the grad written back unscaled."""
+    shapes = [(3, 5), (4,)]
+    pf = make_params(torch.float32, shapes=shapes)
+    pr = clone_params(pf)
+    fused = fused_optim.FusedAdafactor(pf, backend=backend)
+    ref = fused_optim.FusedAdafactor(pr, backend="reference")
+    grads = [torch.randn(s, device=DEVICE) for s in shapes]
+    for p, g in zip(pf, grads):
+        p.grad = g * 1024
+    fused.grad_scale = torch.tensor(1024.0, device=DEVICE)
+    fused.found_inf = torch.tensor(1.0, device=DEVICE)
+    fused.step()
+    for p, q in zip(pf, pr):
+        assert torch.equal(p, q), "a skipped step moved a param"
+        assert float(fused.state[p]["step"]) == 0
+        assert all(torch.count_nonzero(v) == 0 for k, v in fused.state[p].items() if k != "step")
+    fused.found_inf.zero_()
+    fused.step()
+    for q, g in zip(pr, grads):
+        q.grad = g.clone()
+    ref.step()
+    for p, q, g in zip(pf, pr, grads):
+        assert torch.equal(p.grad, g), "the grad is written back unscaled"
+        assert float(fused.state[p]["step"]) == 1
+        torch.testing.assert_close(p, q, rtol=0, atol=4 * EPS32 * (1 + q.abs().max().item()))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=1e-3), "cannot combine a manual lr"),
+    (dict(relative_step=False), "needs an external learning rate"),
+    (dict(relative_step=False, lr=1e-3, warmup_init=True), "warmup_init=True requires relative_step=True"),
+    (dict(relative_step=False, lr=-1.0), "Invalid learning rate"),
+    (dict(eps=1e-30), "eps must be a pair"),
+    (dict(eps=(1e-30, -1.0)), "eps values must be >= 0"),
+    (dict(clip_threshold=0.0), "clip_threshold must be > 0"),
+    (dict(decay_rate=0.5), "decay_rate must be <= 0"),
+    (dict(beta1=1.0), "beta1 must be None or in"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fused_optim.FusedAdafactor([torch.nn.Parameter(torch.ones(2, 2))], **kwargs)
+
+
+def test_signature_matches_transformers():
+    import inspect
+    transformers_optimization = pytest.importorskip("transformers.optimization")
+    ours = inspect.signature(fused_optim.FusedAdafactor.__init__).parameters
+    theirs = inspect.signature(transformers_optimization.Adafactor.__init__).parameters
+    for name, par in theirs.items():
+        assert name in ours and ours[name].default == par.default, name
+    assert list(ours)[: len(theirs)] == list(theirs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU (benchmarks/gpu_verify.sh): the parity and determinism tests above also run on CUDA when present.
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fused_backends(torch.device("cuda")) if torch.cuda.is_available() else ["triton"])
+def test_gpu_parity_large_shapes(backend):
+    """GPT-2-like shapes: tiles in the thousands, long row/column segments, a tensor of 2^20 elements."""
+    run_pair([(768, 2304), (4, 256, 320), (3072,), (2 ** 20,)], torch.float32, VARIANTS["warmup-beta1-wd"],
+             backend, steps=STEPS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", fused_backends(torch.device("cuda")) if torch.cuda.is_available() else ["triton"])
+def test_gpu_cuda_graph_replay_matches_eager(backend):
+    """A whole step (seven launches, all scalars on the device) captured once and replayed: bitwise equal to
+    eager steps."""
+    cuda = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(256, 384), (2, 33, 129), (1000,), ()]
+    pg = [torch.randn(s, generator=gen).to(cuda).requires_grad_() for s in shapes]
+    pe = [p.detach().clone().requires_grad_() for p in pg]
+    og = fused_optim.FusedAdafactor(pg, beta1=0.9, weight_decay=0.01, backend=backend)
+    oe = fused_optim.FusedAdafactor(pe, beta1=0.9, weight_decay=0.01, backend=backend)
+    static = [torch.zeros_like(p) for p in pg]
+    for p, s in zip(pg, static):
+        p.grad = s
+    dgen = torch.Generator(device=cuda).manual_seed(1)
+
+    def feed():
+        for s, p in zip(static, pe):
+            g = torch.randn(s.shape, device=cuda, generator=dgen)
+            s.copy_(g)
+            p.grad = g.clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # state, tables and scratch buffers are created outside the capture
+            feed()
+            og.step()
+            oe.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        og.step()
+    for _ in range(8):
+        feed()
+        graph.replay()
+        oe.step()
+    torch.cuda.synchronize()
+    for a, b in zip(pg, pe):
+        assert torch.equal(a, b)
+        assert torch.equal(og.state[a]["step"], oe.state[b]["step"])
