@@ -16,6 +16,16 @@ from conftest import DEVICE
 SHAPES = [(), (1,), (0,), (123,), (4097,), (33, 65), (2, 3, 5)]
 GRAD_SCALES = [1.0, 1e-3, 10.0, 1.0, 1e2, 1e-1, 1.0]
 STEPS = 20
+BIG_LR_STEPS = testing.BIG_LR_STEPS
+
+
+def make_params(dtype, device=DEVICE, shapes=SHAPES):
+    """Random leaf params of ``shapes`` in ``dtype`` (for tests that drive their own loop)."""
+    return [torch.randn(s, device=device).to(dtype).requires_grad_() for s in shapes]
+
+
+def clone_params(params):
+    return [p.detach().clone().requires_grad_() for p in params]
 
 
 def run_parity(case, backend, dtype, variant, *, master=False, steps=STEPS, lr=None, shapes=SHAPES):

@@ -131,3 +131,7 @@ def adafactor(
 
     if theta is not param:
         param.copy_(theta)
+
+
+# The state tensors ``adafactor`` takes after (param, grad), by state key; the dispatcher passes them by name.
+adafactor.OPERANDS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg", "step")
