@@ -62,25 +62,33 @@ def cmd_info(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class CheckSpec:
-    """One optimizer configuration checked by ``check``: how to build it and how to bound its errors."""
+    """One optimizer configuration checked by ``check``: ``run(backend, dtype, master, **common)`` steps it next to
+    the reference and returns the list of (what, error, bound) of fused_optim/testing.py."""
 
     name: str
-    cls: type
-    kwargs: dict
-    checks: object  # (testing.ParityRun, dtype, master) -> [(what, error, bound)]
-    lr: float = 1e-2
+    run: object
     dtypes: tuple = field(default=(torch.float32, torch.bfloat16, torch.float16))
 
 
 def check_specs() -> list:
-    from . import FusedAdam, FusedAdamW, testing
+    from . import FusedAdafactor, FusedAdam, FusedAdamW, testing
 
-    def adam_checks(l2):
+    def adam(cls, kwargs, l2):
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return lambda run, dtype, master: testing.adam_parity_checks(run, dtype, keys, l2, master)
+
+        def run(backend, dtype, master, **common):
+            r = testing.run_parity(cls, backend, dtype, kwargs, lr=1e-2, master=master, **common)
+            return testing.adam_parity_checks(r, dtype, keys, l2, master)
+        return run
+
+    def adafactor(kwargs):
+        def run(backend, dtype, master, **common):
+            return testing.adafactor_parity(FusedAdafactor, backend, dtype, kwargs, master=master, **common)[1]
+        return run
     return [
-        CheckSpec("adam", FusedAdam, dict(weight_decay=0.01, amsgrad=True), adam_checks(0.01)),
-        CheckSpec("adamw", FusedAdamW, dict(weight_decay=0.1), adam_checks(0.0)),
+        CheckSpec("adam", adam(FusedAdam, dict(weight_decay=0.01, amsgrad=True), 0.01)),
+        CheckSpec("adamw", adam(FusedAdamW, dict(weight_decay=0.1), 0.0)),
+        CheckSpec("adafactor", adafactor(dict(beta1=0.9, weight_decay=0.01))),
     ]
 
 
@@ -130,11 +138,9 @@ def cmd_check(args) -> int:
                     if args.dtype and str(dtype).replace("torch.", "") not in args.dtype:
                         continue
                     t0 = time.perf_counter()
-                    run = testing.run_parity(spec.cls, backend, dtype, spec.kwargs, shapes=shapes,
-                                                           grad_scales=scales, device=device, steps=args.steps,
-                                                           lr=spec.lr, master=master, seed=args.seed)
                     try:
-                        checks = spec.checks(run, dtype, master)
+                        checks = spec.run(backend, dtype, master, shapes=shapes, grad_scales=scales,
+                                          device=device, steps=args.steps, seed=args.seed)
                         worst = max(checks, key=lambda c: c[1] / c[2] if c[2] else float("inf"))
                         ok = all(err <= bound for _, err, bound in checks)
                         note = f"{worst[0]}: {_fmt(worst[1])} (bound {_fmt(worst[2])})"
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optimizer", nargs="+", help="only these optimizers (adam, adamw, ...)")
+    p.add_argument("--optimizer", nargs="+", help="only these optimizers (adam, adamw, adafactor, ...)")
     p.add_argument("--backend", nargs="+", help="only these fused backends (triton, native)")
     p.add_argument("--dtype", nargs="+", help="only these param dtypes (float32, bfloat16, float16)")
     sub.add_parser("bench", help="time the backends against torch.optim (see `bench --help`)")

@@ -53,13 +53,14 @@ current magnitude, hence also at max_t |theta_t|).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 __all__ = ["ulp", "theta_atol", "state_atol", "assert_close_atol", "assert_within_ulps", "param_ulps", "run_parity",
            "adam_parity_checks", "BIG_LR_STEPS", "ParityRun",
-           "ADAFACTOR_NOTES", "sum_gap", "adafactor_gaps"]
+           "ADAFACTOR_NOTES", "sum_gap", "adafactor_gaps", "adafactor_parity"]
 
 EPS32 = 2.0 ** -24
 UPDATE_BOUND = 10.0  # |u| <= UPDATE_BOUND * lr, see above
@@ -272,3 +273,104 @@ def adam_parity_checks(run: ParityRun, dtype, state_keys, l2: float, master: boo
             bound = state_atol(steps, sr[key].abs().max().item()) + steps * l2 * d_theta
             out.append((f"param {i} {key}", (sf[key].double() - sr[key].double()).abs().max().item(), bound))
     return out
+
+
+def _max_abs(x) -> float:
+    return x.abs().max().item() if x is not None and x.numel() else 0.0  # None: a state not created yet
+
+
+def _theta(opt, p):
+    st = opt.state[p]
+    return st["master_param"] if "master_param" in st else p.detach()
+
+
+def adafactor_parity(cls, backend: str, dtype: torch.dtype, variant: dict, *, shapes, grad_scales, device,
+                     steps: int = 20, master: bool = False, lr_tensor: bool = False, seed: int = 0):
+    """Step ``cls(..., backend=backend)`` (FusedAdafactor) and a reference one side by side on identical grads and,
+    after every step, bound the gaps of params and state with ``ADAFACTOR_NOTES`` (the bounds grow per step from
+    the reference's own trajectory, so they are checked step by step). ``variant`` may hold ``lr``; steps in
+    ``BIG_LR_STEPS`` then use 20x of it. Returns (ParityRun, checks) with checks as (what, error, bound); raises
+    AssertionError on a broken invariant that has no tolerance (state keys, step counts, state dtype/shape)."""
+    from .reference.adafactor import relative_step_size
+    gen = torch.Generator().manual_seed(seed)
+    fused_params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    kw = dict(variant)
+    base_lr = kw.pop("lr", None)
+    lr_f = torch.tensor(base_lr, device=device) if lr_tensor else base_lr
+    fused = cls(fused_params, lr=lr_f, backend=backend, master_weights=master, **kw)
+    ref = cls(ref_params, lr=base_lr, backend="reference", master_weights=master, **kw)
+    group = ref.param_groups[0]
+    beta1, lam = group["beta1"], group["weight_decay"]
+    exact = dtype == torch.float32 or master  # fp32 values to compare with the derived bounds
+    gap_m = [0.0] * len(shapes)
+    checks, lrs = [], []
+    max_abs = [p.detach().float().abs() for p in ref_params]
+    for t in range(1, steps + 1):
+        if base_lr is not None:
+            step_lr = base_lr * (20.0 if t - 1 in BIG_LR_STEPS else 1.0)
+            group["lr"] = step_lr
+            if lr_tensor:
+                fused.param_groups[0]["lr"].fill_(step_lr)
+            else:
+                fused.param_groups[0]["lr"] = step_lr
+        lrs.append(group["lr"])
+        before = []
+        for pf, pr in zip(fused_params, ref_params):
+            th_f, th_r = _theta(fused, pf).double(), _theta(ref, pr).double()
+            m_r = ref.state[pr]["exp_avg"].clone() if beta1 is not None and "exp_avg" in ref.state[pr] else None
+            sq_r = th_r.square().sum().item()
+            before.append(dict(theta=th_r.clone(), gap=_max_abs(th_f - th_r), m=m_r,
+                               sq_gap=abs(th_f.square().sum().item() - sq_r) / sq_r if sq_r else 0.0,
+                               rms=math.sqrt(sq_r / th_r.numel()) if th_r.numel() else 0.0))
+        for pf, pr, scale in zip(fused_params, ref_params, grad_scales):
+            g = (torch.randn(pf.shape, generator=gen) * scale).to(device=device, dtype=dtype)
+            pf.grad, pr.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+        for m, p in zip(max_abs, ref_params):
+            torch.maximum(m, p.detach().float().abs(), out=m)
+
+        for i, (pf, pr, b) in enumerate(zip(fused_params, ref_params, before)):
+            sf, sr = fused.state[pf], ref.state[pr]
+            where = f"param {i} {tuple(pr.shape)} step {t}"
+            if set(sf) != set(sr):
+                raise AssertionError(f"{where}: state keys {sorted(sf)} != {sorted(sr)}")
+            if not (sf["step"].dtype == torch.float32 and float(sf["step"]) == float(sr["step"]) == t):
+                raise AssertionError(f"{where}: step {float(sf['step'])}, reference {float(sr['step'])}")
+            if pr.numel() == 0:
+                continue
+            gaps = adafactor_gaps(tuple(pr.shape), t, theta_sq_gap=b["sq_gap"],
+                                  scale_parameter=group["scale_parameter"])
+            for key, rel in (("exp_avg_sq_row", gaps.get("row")), ("exp_avg_sq_col", gaps.get("col")),
+                             ("exp_avg_sq", gaps.get("V"))):
+                if key in sr:
+                    if not (sf[key].dtype == torch.float32 and sf[key].shape == sr[key].shape):
+                        raise AssertionError(f"{where} {key}: {sf[key].dtype} {tuple(sf[key].shape)}")
+                    ratio = ((sf[key].double() - sr[key].double()).abs() / (rel * sr[key].double().abs())).max()
+                    checks.append((f"{where} {key} (gap / relative bound)", ratio.item(), 1.0))
+            rho = relative_step_size(t, lr=group["lr"], relative_step=group["relative_step"],
+                                     warmup_init=group["warmup_init"])
+            alpha = rho * max(group["eps"][1], b["rms"]) if group["scale_parameter"] else rho
+            theta_r = _theta(ref, pr).double()
+            if beta1 is None:
+                u_max = _max_abs(theta_r - b["theta"]) + lam * alpha * _max_abs(b["theta"])
+                update_gap = gaps["update"] * u_max
+            else:  # the update is m_t: its gap is measured, and bounded here
+                m_f, m_r = sf["exp_avg"].double(), sr["exp_avg"].double()
+                u_max = (_max_abs(m_r) + beta1 * _max_abs(b["m"])) / (1 - beta1)
+                allowed = beta1 * gap_m[i] + (1 - beta1) * gaps["update"] * u_max + 4 * EPS32 * _max_abs(m_r)
+                gap_m[i] = _max_abs(m_f - m_r)
+                checks.append((f"{where} exp_avg", gap_m[i], allowed))
+                update_gap = gap_m[i]
+            if exact:
+                allowed = ((1 + lam * alpha) * b["gap"] + lam * alpha * gaps["alpha"] * _max_abs(b["theta"])
+                           + update_gap + 4 * EPS32 * max(_max_abs(theta_r), _max_abs(b["theta"])))
+                checks.append((f"{where} {'master_param' if master else 'param'} (fp32 bound)",
+                               _max_abs(_theta(fused, pf).double() - theta_r), allowed))
+            if dtype != torch.float32:
+                a, e = pf.detach().float(), pr.detach().float()
+                at = torch.maximum(max_abs[i], torch.maximum(a.abs(), e.abs()))
+                checks.append((f"{where} (ulps of {dtype})", ((a - e).abs() / ulp(at, dtype)).max().item(),
+                               float(param_ulps(dtype, master))))
+    return ParityRun(fused, ref, fused_params, ref_params, lrs, max_abs), checks

@@ -17,9 +17,9 @@ import torch
 import fused_optim
 from cases import case_id, fused_backends
 from conftest import DEVICE
-from fused_optim.reference.adafactor import relative_step_size
-from test_parity import BIG_LR_STEPS, GRAD_SCALES, clone_params, make_params
-from tolerances import EPS32, adafactor_gaps, assert_within_ulps, param_ulps
+from fused_optim import testing
+from test_parity import GRAD_SCALES, clone_params, make_params
+from tolerances import EPS32
 
 BACKENDS = fused_backends()
 STEPS = 20
@@ -42,88 +42,16 @@ VARIANTS = {
 }
 
 
-def _theta(opt, p):
-    st = opt.state[p]
-    return st["master_param"] if "master_param" in st else p.detach()
-
-
-def _max(x):
-    return x.abs().max().item() if x is not None and x.numel() else 0.0  # None: a state not created yet (0)
-
-
 def run_pair(shapes, dtype, variant, backend, *, master=False, lr_tensor=False, steps=STEPS):
     """Step a fused-backend optimizer and a reference one on identical grads; after every step, check the gaps
-    of params and state against the bounds of tests/tolerances.py (ADAFACTOR_NOTES). Returns both."""
-    fused_params = make_params(dtype, shapes=shapes)
-    ref_params = clone_params(fused_params)
-    kw = dict(variant)
-    base_lr = kw.pop("lr", None)
-    lr_f = torch.tensor(base_lr, device=DEVICE) if lr_tensor else base_lr
-    fused = fused_optim.FusedAdafactor(fused_params, lr=lr_f, backend=backend, master_weights=master, **kw)
-    ref = fused_optim.FusedAdafactor(ref_params, lr=base_lr, backend="reference", master_weights=master, **kw)
-    group = ref.param_groups[0]
-    beta1, lam = group["beta1"], group["weight_decay"]
-    exact = dtype == torch.float32 or master  # fp32 values to compare with the derived bounds
-    gap_m = [0.0] * len(shapes)
-    for t in range(1, steps + 1):
-        if base_lr is not None:  # a 20x learning rate on two steps, as the other parity tests
-            step_lr = base_lr * (20.0 if t - 1 in BIG_LR_STEPS else 1.0)
-            group["lr"] = step_lr
-            if lr_tensor:
-                fused.param_groups[0]["lr"].fill_(step_lr)
-            else:
-                fused.param_groups[0]["lr"] = step_lr
-        before = []
-        for pf, pr in zip(fused_params, ref_params):
-            th_f, th_r = _theta(fused, pf).double(), _theta(ref, pr).double()
-            m_r = ref.state[pr]["exp_avg"].clone() if beta1 is not None and "exp_avg" in ref.state[pr] else None
-            sq_r = th_r.square().sum().item()
-            before.append(dict(theta=th_r.clone(), gap=_max(th_f - th_r), m=m_r,
-                               sq_gap=abs(th_f.square().sum().item() - sq_r) / sq_r if sq_r else 0.0,
-                               rms=math.sqrt(sq_r / th_r.numel()) if th_r.numel() else 0.0))
-        for pf, pr, scale in zip(fused_params, ref_params, GRAD_SCALES * 2):
-            g = (torch.randn(pf.shape, device=DEVICE) * scale).to(dtype)
-            pf.grad, pr.grad = g.clone(), g.clone()
-        fused.step()
-        ref.step()
-
-        for i, (pf, pr, b) in enumerate(zip(fused_params, ref_params, before)):
-            sf, sr = fused.state[pf], ref.state[pr]
-            where = f"param {i} {tuple(pr.shape)} step {t}"
-            assert set(sf) == set(sr), f"{where}: state keys {sorted(sf)} != {sorted(sr)}"
-            assert sf["step"].dtype == torch.float32 and float(sf["step"]) == float(sr["step"]) == t, where
-            if pr.numel() == 0:
-                continue
-            gaps = adafactor_gaps(tuple(pr.shape), t, theta_sq_gap=b["sq_gap"],
-                                  scale_parameter=group["scale_parameter"])
-            for key, rel in (("exp_avg_sq_row", gaps.get("row")), ("exp_avg_sq_col", gaps.get("col")),
-                             ("exp_avg_sq", gaps.get("V"))):
-                if key in sr:
-                    assert sf[key].dtype == torch.float32 and sf[key].shape == sr[key].shape, f"{where} {key}"
-                    over = (sf[key].double() - sr[key].double()).abs() - rel * sr[key].double().abs()
-                    assert over.max().item() <= 0, f"{where}: {key} gap over its bound {rel:.3g} (relative)"
-            rho = relative_step_size(t, lr=group["lr"], relative_step=group["relative_step"],
-                                     warmup_init=group["warmup_init"])
-            alpha = rho * max(group["eps"][1], b["rms"]) if group["scale_parameter"] else rho
-            theta_r = _theta(ref, pr).double()
-            if beta1 is None:
-                u_max = _max(theta_r - b["theta"]) + lam * alpha * _max(b["theta"])
-                update_gap = gaps["update"] * u_max
-            else:  # the update is m_t: its gap is measured, and bounded here
-                m_f, m_r = sf["exp_avg"].double(), sr["exp_avg"].double()
-                u_max = (_max(m_r) + beta1 * _max(b["m"])) / (1 - beta1)
-                allowed = beta1 * gap_m[i] + (1 - beta1) * gaps["update"] * u_max + 4 * EPS32 * _max(m_r)
-                gap_m[i] = _max(m_f - m_r)
-                assert gap_m[i] <= allowed, f"{where}: exp_avg gap {gap_m[i]:.3g} > {allowed:.3g}"
-                update_gap = gap_m[i]
-            if exact:
-                allowed = ((1 + lam * alpha) * b["gap"] + lam * alpha * gaps["alpha"] * _max(b["theta"])
-                           + update_gap + 4 * EPS32 * max(_max(theta_r), _max(b["theta"])))
-                gap = _max(_theta(fused, pf).double() - theta_r)
-                assert gap <= allowed, f"{where}: param gap {gap:.3g} > {allowed:.3g} (fp32 bound)"
-            if dtype != torch.float32:
-                assert_within_ulps(pf.detach(), pr.detach(), param_ulps(dtype, master), f"{where} ({dtype})")
-    return fused, ref, fused_params, ref_params
+    of params and state against the bounds of ADAFACTOR_NOTES (fused_optim/testing.py). Returns both."""
+    run, checks = testing.adafactor_parity(fused_optim.FusedAdafactor, backend, dtype, variant, shapes=shapes,
+                                           grad_scales=GRAD_SCALES * 2, device=DEVICE, steps=steps, master=master,
+                                           lr_tensor=lr_tensor)
+    assert checks, "nothing was compared"
+    for what, error, bound in checks:
+        assert error <= bound, f"{what}: gap {error:.3g} over its bound {bound:.3g}"
+    return run.fused, run.ref, run.fused_params, run.ref_params
 
 
 def _moved(params_before, params):
