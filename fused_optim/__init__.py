@@ -7,7 +7,8 @@
 """
 from .adam import FusedAdam, FusedAdamW
 from .backends import BackendUnavailable
+from .lamb import FusedLAMB
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdam", "FusedAdamW", "BackendUnavailable", "__version__"]
+__all__ = ["FusedAdam", "FusedAdamW", "FusedLAMB", "BackendUnavailable", "__version__"]

@@ -8,7 +8,8 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on C
 """
 from . import engine
 from .adam import adam
+from .lamb import grad_sq_norm, lamb
 
-RULES = {"adam": adam}
+RULES = {"adam": adam, "lamb": lamb}
 
-__all__ = ["engine", "RULES"]
+__all__ = ["engine", "RULES", "grad_sq_norm"]

@@ -5,8 +5,9 @@ optimizer class's docstring. It favours clarity over speed: it may read scalars 
 loops over tensors in Python, and computes in fp32 for bf16/fp16 params (fp64 for fp64 params).
 """
 from .adam import adam
+from .lamb import grad_sq_norm, lamb
 
 # rule name -> per-tensor reference function; the dispatcher looks rules up here.
-RULES = {"adam": adam}
+RULES = {"adam": adam, "lamb": lamb}
 
-__all__ = ["adam", "RULES"]
+__all__ = ["adam", "lamb", "grad_sq_norm", "RULES"]
