@@ -190,7 +190,7 @@ class FusedLAMB(FusedOptimizer):
         )
 
     def _step_hyperparameters(self, buckets, scaler):
-        """With max_grad_norm: c = min(1, max_grad_norm / G) over every grad of every bucket, as a 0-d fp32
+        """With max_grad_norm: c = min(1, max_grad_norm / G) over every grad of every bucket, as a 0-d float64
         tensor on each bucket's device. Each bucket's Σg² is computed by its backend on its device; the sums are
         added in float64 on the first bucket's device, in bucket order (deterministic), with torch ops: no value
         is read back to the host."""
@@ -202,7 +202,7 @@ class FusedLAMB(FusedOptimizer):
                                     found_inf=scaler[b.device][1])
               for b in buckets]
         total = torch.stack([s.to(home, torch.float64, non_blocking=True) for s in sq]).sum()
-        c = clip_coefficient(max_grad_norm, total).to(torch.float32)
+        c = clip_coefficient(max_grad_norm, total)  # float64: the kernels round it to fp32, fp64 params use it as is
         on_device = {}
         for b in buckets:
             if b.device not in on_device:
