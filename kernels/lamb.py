@@ -289,3 +289,36 @@ def grad_sq_norm(table: engine.TensorTable, *, grad_dtype, grad_scale=None, foun
     # One segment over every block: first_block[0] = 0 and first_block[n_tensors] = n_blocks, on the device.
     whole = table.first_block[:: table.n_tensors].contiguous()
     return engine.segment_sum(partials, whole)[0, 0]
+
+
+def compile_variants():
+    """Variants compiled by kernels/compile_check.py: every pass, flag and dtype path at least once."""
+    def make(param_dtype, grad_dtype, master, lr_tensor=False, scaler=False, grad_clip=False, **flags):
+        def run():
+            from fused_optim.tables import TensorTable
+            n = 3
+            ops = {name: [torch.zeros(8) for _ in range(n)] for name in OPERANDS}
+            ops["param"] = [torch.zeros(8, dtype=param_dtype) for _ in range(n)]
+            ops["grad"] = [torch.zeros(8, dtype=grad_dtype) for _ in range(n)]
+            ops["step"] = [torch.zeros(()) for _ in range(n)]
+            table = TensorTable.build(ops, torch.device("cpu"))
+            hp = dict(lr=torch.tensor(1e-3) if lr_tensor else 1e-3, beta1=0.9, beta2=0.999, eps=1e-6,
+                      weight_decay=0.01, bias_correction=True, trust_clip=None, layer_adaptation=True,
+                      grad_clip=torch.ones((), dtype=torch.float64) if grad_clip else None)
+            hp.update(flags)
+            scale = torch.ones(()) if scaler else None
+            found_inf = torch.zeros(()) if scaler else None
+            lamb(table, hp, param_dtype=param_dtype, grad_dtype=grad_dtype, master=master, grad_scale=scale,
+                 found_inf=found_inf)
+            if grad_clip:
+                grad_sq_norm(table, grad_dtype=grad_dtype, grad_scale=scale, found_inf=found_inf)
+        return run
+    return [
+        ("fp32", make(torch.float32, torch.float32, False)),
+        ("fp32-fused-no_bias_correction-lr_tensor-scaler-grad_clip",
+         make(torch.float32, torch.float32, False, lr_tensor=True, scaler=True, grad_clip=True,
+              layer_adaptation=False, bias_correction=False)),
+        ("bf16-master-scaler-grad_clip-trust_clip",
+         make(torch.bfloat16, torch.bfloat16, True, scaler=True, grad_clip=True, trust_clip=(0.0, 10.0))),
+        ("fp16-param-fp32-grad-grad_clip", make(torch.float16, torch.float32, False, grad_clip=True)),
+    ]

@@ -108,3 +108,7 @@ def lamb(
 
     if theta is not param:
         param.copy_(theta)
+
+
+# The state tensors ``lamb`` takes after (param, grad), by state key; the dispatcher passes them by name.
+lamb.OPERANDS = ("exp_avg", "exp_avg_sq", "step")
