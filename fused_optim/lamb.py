@@ -55,7 +55,8 @@ class FusedLAMB(FusedOptimizer):
     **Kernels** (``backend="triton"``): two passes over the tensors, 40 bytes per fp32 param: pass 1 reads
     θ, g, m, v, writes m, v and per-block partial sums of θ² and u²; a deterministic segment sum turns them into
     per-tensor norms; pass 2 recomputes u and writes θ. ``max_grad_norm`` adds one read of every grad (4 B/param)
-    and keeps G and c on the device: no host synchronization anywhere, CUDA-graph capturable. A group with
+    and keeps G and c on the device: no host synchronization anywhere, so a step can be captured in a CUDA graph
+    (tested on a GPU by tests/test_lamb.py, tests marked ``gpu``). A group with
     ``layer_adaptation=False`` needs no norms and takes one pass (28 B/param). The same inputs give bitwise the
     same result on every run.
 
@@ -163,15 +164,20 @@ class FusedLAMB(FusedOptimizer):
             group["trust_clip"] = (lo, hi)
 
     def add_param_group(self, param_group: dict) -> None:
+        """As the base class's, and checks the group's hyperparameters; a group that fails is not added."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
         index = len(self.param_groups) - 1
-        self._check_hyperparameters(group, f"FusedLAMB param group {index}")
-        if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
-            raise ValueError(
-                f"FusedLAMB param group {index}: max_grad_norm={group['max_grad_norm']!r} differs from the "
-                f"optimizer's ({self.defaults['max_grad_norm']!r}); it is one clip over the global norm of every "
-                "gradient of the optimizer: set it in the constructor only")
+        group = self.param_groups[index]
+        try:
+            self._check_hyperparameters(group, f"FusedLAMB param group {index}")
+            if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
+                raise ValueError(
+                    f"FusedLAMB param group {index}: max_grad_norm={group['max_grad_norm']!r} differs from the "
+                    f"optimizer's ({self.defaults['max_grad_norm']!r}); it is one clip over the global norm of "
+                    "every gradient of the optimizer: set it in the constructor only")
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # -- FusedOptimizer hooks ---------------------------------------------------------------------------------
     def _init_param_state(self, p, state, group):

@@ -206,8 +206,9 @@ def lamb(table: engine.TensorTable, hp: dict, *, param_dtype, grad_dtype, master
 
     ``hp``: lr (float or a 1-element tensor on the params' device), beta1, beta2, eps, weight_decay,
     bias_correction, trust_clip (None or (lo, hi)), layer_adaptation, grad_clip (None, or c = min(1,
-    max_grad_norm / G) as a 0-d float64 or float32 device tensor; the kernel rounds it to fp32). ``master``: the ``master_param`` operand holds fp32 master weights.
-    ``grad_scale``/``found_inf``: device tensors from a GradScaler, or None.
+    max_grad_norm / G) as a 0-d float64 or float32 device tensor; the kernel rounds it to fp32). ``master``: the
+    ``master_param`` operand holds fp32 master weights. ``grad_scale``/``found_inf``: device tensors from a
+    GradScaler, or None.
     """
     lr = hp["lr"]
     lr_on_device = isinstance(lr, torch.Tensor)
