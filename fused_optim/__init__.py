@@ -8,7 +8,8 @@
 from .adafactor import FusedAdafactor
 from .adam import FusedAdam, FusedAdamW
 from .backends import BackendUnavailable
+from .lamb import FusedLAMB
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedAdam", "FusedAdamW", "FusedAdafactor", "BackendUnavailable", "__version__"]
+__all__ = ["FusedAdam", "FusedAdamW", "FusedLAMB", "FusedAdafactor", "BackendUnavailable", "__version__"]

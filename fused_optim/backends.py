@@ -207,16 +207,41 @@ def _run_reference(bucket, rule, hp, grad_scale, found_inf):
         fn(p, g, **operands, **hp, master_param=st.get("master_param"), grad_scale=grad_scale)
 
 
-def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
-    from . import kernels  # imported on first use: TRITON_INTERPRET must be set before the kernels are defined
-
-    launcher = kernels.RULES[rule]
+def _triton_table(bucket, launcher, tables) -> TensorTable:
+    """The cached device table of ``bucket`` for ``launcher``'s operands, rebuilt when a tensor's storage changed."""
     operands = bucket.operands(launcher.OPERANDS)
     table = tables.get(bucket.key)
     if table is None or table.key != storage_key(operands):
         # A rule whose kernels need another map than the 1-D block map (Adafactor's 2-D tiles) brings its builder.
         table = getattr(launcher, "build_table", TensorTable.build)(operands, bucket.device)
         tables[bucket.key] = table
+    return table
+
+
+def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
+    from . import kernels  # imported on first use: TRITON_INTERPRET must be set before the kernels are defined
+
+    launcher = kernels.RULES[rule]
+    table = _triton_table(bucket, launcher, tables)
     launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
              master=bucket.states[0].get("master_param") is not None,
              grad_scale=grad_scale, found_inf=found_inf)
+
+
+def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, found_inf=None) -> torch.Tensor:
+    """The sum of squares of every grad of ``bucket`` (divided by ``grad_scale`` first), as a 0-d tensor on
+    ``bucket.device``: one bucket's share of a global gradient norm (FusedLAMB's ``max_grad_norm``).
+
+    Fused backends compute it on the device, deterministically and without a host synchronization, reading the
+    grads through the table ``rule`` uses (built or reused here). With ``found_inf`` set they skip the reads and
+    return 0: the step is skipped anyway. The reference computes it in float64.
+    """
+    if bucket.backend == "reference":
+        return reference.grad_sq_norm(bucket.grads, grad_scale)
+    if bucket.backend == "triton":
+        from . import kernels
+
+        table = _triton_table(bucket, kernels.RULES[rule], tables)
+        return kernels.grad_sq_norm(table, grad_dtype=bucket.grad_dtype, grad_scale=grad_scale,
+                                    found_inf=found_inf)
+    raise BackendUnavailable(native_unusable(bucket.device))

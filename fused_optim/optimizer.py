@@ -103,6 +103,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Keyword arguments of this optimizer's rule for one param group (floats or 1-element tensors)."""
         raise NotImplementedError
 
+    def _step_hyperparameters(self, buckets: list, scaler: dict) -> dict:
+        """Rule arguments that depend on the whole step rather than on one param group, e.g. a clip coefficient
+        from the global gradient norm over every grad of the optimizer (FusedLAMB's ``max_grad_norm``).
+
+        Called once per step after lazy state init and before any bucket is updated, with every bucket of the
+        step and ``scaler[device] = (grad_scale, found_inf)`` (GradScaler's tensors on that device, or Nones).
+        Returns ``{bucket.key: {name: value}}``, merged into that bucket's rule arguments. Default: none.
+        """
+        return {}
+
     # -- helpers for subclasses ---------------------------------------------------------------------------------
     @staticmethod
     def _zeros_state(p: Tensor) -> Tensor:
@@ -210,9 +220,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if dev not in on_device:
                 on_device[dev] = tuple(None if t is None else t.to(dev, non_blocking=True)
                                        for t in (grad_scale, found_inf))
+        whole_step = self._step_hyperparameters(buckets, on_device) if buckets else {}
+        for bucket in buckets:
+            dev = bucket.device
             gs, fi = on_device[dev]
-            backends.run(bucket, self.rule, self._group_hyperparameters(bucket.group, dev),
-                         tables=self._tables, grad_scale=gs, found_inf=fi)
+            hp = self._group_hyperparameters(bucket.group, dev)
+            hp.update(whole_step.get(bucket.key, {}))
+            backends.run(bucket, self.rule, hp, tables=self._tables, grad_scale=gs, found_inf=fi)
         return loss
 
     # -- state_dict -------------------------------------------------------------------------------------------

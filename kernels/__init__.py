@@ -9,7 +9,8 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run the kernels on C
 from . import engine
 from .adafactor import adafactor
 from .adam import adam
+from .lamb import grad_sq_norm, lamb
 
-RULES = {"adam": adam, "adafactor": adafactor}
+RULES = {"adam": adam, "lamb": lamb, "adafactor": adafactor}
 
-__all__ = ["engine", "RULES"]
+__all__ = ["engine", "RULES", "grad_sq_norm"]

@@ -6,8 +6,9 @@ loops over tensors in Python, and computes in fp32 for bf16/fp16 params (fp64 fo
 """
 from .adafactor import adafactor
 from .adam import adam
+from .lamb import grad_sq_norm, lamb
 
 # rule name -> per-tensor reference function; the dispatcher looks rules up here.
-RULES = {"adam": adam, "adafactor": adafactor}
+RULES = {"adam": adam, "lamb": lamb, "adafactor": adafactor}
 
-__all__ = ["adam", "adafactor", "RULES"]
+__all__ = ["adam", "lamb", "adafactor", "grad_sq_norm", "RULES"]

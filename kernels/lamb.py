@@ -1,0 +1,325 @@
+"""LAMB update rule for the Triton engine: two passes over the tensors with a deterministic per-tensor reduction
+between them, and an optional global-gradient-norm pass before them.
+
+The math is the algorithm box of :class:`fused_optim.FusedLAMB`, operation for operation in the order and with
+the roundings of the reference (``fused_optim/reference/lamb.py``):
+
+    g   = grad / s                                  (GradScaler; the unscaled grad is written back, pass 1)
+    g   = c · g,   c = min(1, max_grad_norm / G)     (max_grad_norm; c from the global-norm pass, on the device)
+    m   = lerp(m, g, 1 − β1);  v = β2 v + (1 − β2) g²          (``adam_moments``, shared with Adam)
+    m̂   = m / (1 − β1^t);  v̂ = v / (1 − β2^t)                   (bias_correction; ``bias_correction`` of Adam)
+    u   = m̂ / (sqrt(v̂) + ε) + λ θ
+    r   = ‖θ‖ / ‖u‖ if both > 0 else 1, clamped to trust_clip;  r = 1 without layer adaptation
+    θ   = θ − γ r u
+
+Passes, and bytes per element for fp32 params and grads (the DESIGN.md byte model: 40 B/param):
+
+    [global norm]  only with max_grad_norm: read g -> per-block Σg²                                   4 B
+                   segment_sum -> one Σg² per bucket; FusedLAMB adds the buckets and forms c on the device
+    pass 1 NORMS   read θ, g, m, v; write m, v; per-block Σθ², Σu² into ``partials[2, n_blocks]``   24 B
+                   segment_sum(partials, first_block) -> ``sums[2, n_tensors]``: per-tensor ‖θ‖², ‖u‖²
+                   (under FSDP, an all-reduce of ``sums`` over the shard group goes exactly here)
+    pass 2 APPLY   read θ, m, v; recompute u (bitwise the u of pass 1: same code, same inputs); write θ   16 B
+    A param group with ``layer_adaptation=False`` has r = 1 and needs no norm: one FUSED pass, 28 B, as Adam.
+
+With bf16/fp16 params and fp32 master weights, θ is the master (read and written in fp32) and the param is
+written once, rounded, in the last pass: pass 1 reads θ32, g16, m, v, writes m, v (22 B), pass 2 reads θ32, m, v
+and writes θ32, θ16 (18 B). A GradScaler adds the write-back of the unscaled grad in pass 1 (+4 B, as Adam).
+
+Per-tensor steps (kernels/engine.py, "Per-tensor step counters"): every pass reads ``step`` and uses ``step + 1``;
+only the last pass of the step (APPLY or FUSED) writes it, through ``engine.last_block_of_tensor``. found_inf
+skips every pass, so a skipped step leaves params, state and steps untouched.
+
+Determinism: each block sums its squares with ``tl.sum`` (a fixed tree for a compiled kernel) into its own slot
+of ``partials``; ``engine.segment_sum`` adds each tensor's slots in a fixed order. No float atomics: the same
+inputs give bitwise the same norms, ratios and params on every run.
+
+The scalars (bias corrections, trust ratio, γ r) are computed in fp64 from fp64 hyperparameters and rounded to
+fp32 once, as the reference does on the host; the element math is fp32 with IEEE division and square root and
+an explicit FMA exactly where torch uses one (kernels/adam.py). The native rule mirrors this file: same phases,
+same partial-sum layout, same fp64 scalar path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import engine
+from .adam import adam_moments, bias_correction
+
+# Which pass one launch of ``_lamb_kernel`` is (compile-time: each compiles to its own kernel).
+NORMS = tl.constexpr(0)  # pass 1: moments, per-block partial sums of θ² and u²
+APPLY = tl.constexpr(1)  # pass 2: θ -= γ r u, r from the per-tensor sums; advances step
+FUSED = tl.constexpr(2)  # layer_adaptation=False: r = 1, moments and update in one pass; advances step
+
+
+@triton.jit
+def _direction(theta, m, v, bc1, bc2, eps, wd, BIAS_CORRECTION: tl.constexpr):
+    """u = m̂ / (sqrt(v̂) + ε) + λ θ, rounded as the reference's ``m_hat / (v_hat.sqrt() + eps)`` and
+    ``u.add(theta, alpha=wd)`` (one FMA in torch)."""
+    if BIAS_CORRECTION:
+        m = tl.div_rn(m, bc1)
+        v = tl.div_rn(v, bc2)
+    u = tl.div_rn(m, tl.sqrt_rn(v) + eps)
+    if wd != 0.0:
+        u = tl.fma(wd, theta, u)
+    return u
+
+
+@triton.jit
+def _lamb_block(
+    param, grad, exp_avg, exp_avg_sq, master, offs, mask,
+    grad_scale_ptr, grad_clip, bc1, bc2, coef, wd, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    MASKED: tl.constexpr, PHASE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, MASTER: tl.constexpr,
+    UNSCALE: tl.constexpr, GRAD_CLIP: tl.constexpr,
+):
+    """One block of one pass. Returns the block's Σθ² and Σu² (NORMS; zeros otherwise)."""
+    theta_ptr = master if MASTER else param
+    theta = engine.load(theta_ptr, offs, mask, MASKED)
+    if PHASE == APPLY:
+        m = engine.load(exp_avg, offs, mask, MASKED)  # written by pass 1
+        v = engine.load(exp_avg_sq, offs, mask, MASKED)
+    else:
+        g = engine.load(grad, offs, mask, MASKED)
+        if UNSCALE:
+            g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))
+            engine.store(grad, offs, g, mask, MASKED)
+        if GRAD_CLIP:
+            g = g * grad_clip
+        m = engine.load(exp_avg, offs, mask, MASKED)
+        v = engine.load(exp_avg_sq, offs, mask, MASKED)
+        m, v = adam_moments(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2)
+        engine.store(exp_avg, offs, m, mask, MASKED)
+        engine.store(exp_avg_sq, offs, v, mask, MASKED)
+
+    u = _direction(theta, m, v, bc1, bc2, eps, wd, BIAS_CORRECTION)
+
+    sq_theta = tl.full([], 0.0, tl.float32)
+    sq_u = tl.full([], 0.0, tl.float32)
+    if PHASE == NORMS:
+        tt = theta * theta
+        uu = u * u
+        if MASKED:  # lanes past the tensor's end hold no element
+            tt = tl.where(mask, tt, 0.0)
+            uu = tl.where(mask, uu, 0.0)
+        sq_theta = tl.sum(tt, axis=0)
+        sq_u = tl.sum(uu, axis=0)
+    else:
+        theta = tl.fma(coef, u, theta)  # the reference's theta.add_(u, alpha=-γr): one FMA
+        engine.store(theta_ptr, offs, theta, mask, MASKED)
+        if MASTER:
+            engine.store(param, offs, theta, mask, MASKED)  # the bf16/fp16 param, rounded once from the master
+    return sq_theta, sq_u
+
+
+@triton.jit
+def _lamb_kernel(
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, master_ptrs, step_ptrs,
+    partial_theta, partial_u, sum_theta, sum_u,
+    lr: tl.float64, lr_ptr, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+    clip_lo: tl.float64, clip_hi: tl.float64,
+    grad_scale_ptr, found_inf_ptr, grad_clip_ptr,
+    numels, block_tensor, block_start, arrivals,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, PHASE: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, MASTER: tl.constexpr, LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr,
+    SKIP_IF_INF: tl.constexpr, GRAD_CLIP: tl.constexpr, TRUST_CLIP: tl.constexpr,
+):
+    # fp64 scalars (the interpreter passes Python floats; see kernels/adam.py).
+    lr = tl.full([], lr, tl.float64)
+    beta1 = tl.full([], beta1, tl.float64)
+    beta2 = tl.full([], beta2, tl.float64)
+    eps = tl.full([], eps, tl.float64)
+    weight_decay = tl.full([], weight_decay, tl.float64)
+    clip_lo = tl.full([], clip_lo, tl.float64)
+    clip_hi = tl.full([], clip_hi, tl.float64)
+    skip = 0.0
+    if SKIP_IF_INF:  # GradScaler found an inf/NaN: every pass is skipped, step counts included
+        skip = tl.load(found_inf_ptr).to(tl.float32)
+    if skip == 0.0:
+        t, offs, mask, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
+        step_ptr = engine.operand(step_ptrs, t, tl.float32, False)
+        step = tl.load(step_ptr) + 1.0  # every pass uses step + 1; only the last pass writes it
+
+        bc1 = tl.full([], 1.0, tl.float32)
+        bc2 = tl.full([], 1.0, tl.float32)
+        if BIAS_CORRECTION:
+            bc1 = bias_correction(beta1, step).to(tl.float32)
+            bc2 = bias_correction(beta2, step).to(tl.float32)
+
+        coef = tl.full([], 0.0, tl.float32)  # -γ r, used by APPLY and FUSED
+        if PHASE != NORMS:
+            if LR_ON_DEVICE:
+                lr = tl.load(lr_ptr).to(tl.float64)
+            r = tl.full([], 1.0, tl.float64)
+            if PHASE == APPLY:
+                # The trust ratio of tensor t from its sums of squares, in fp64 as the reference's.
+                w_norm = tl.sqrt(tl.load(sum_theta + t).to(tl.float64))
+                u_norm = tl.sqrt(tl.load(sum_u + t).to(tl.float64))
+                both = (w_norm > 0.0) & (u_norm > 0.0)
+                r = tl.where(both, w_norm / tl.where(both, u_norm, 1.0), 1.0)
+                if TRUST_CLIP:
+                    r = tl.minimum(tl.maximum(r, clip_lo), clip_hi)
+            coef = (-(lr * r)).to(tl.float32)
+
+        grad_clip = tl.full([], 1.0, tl.float32)
+        if GRAD_CLIP:
+            grad_clip = tl.load(grad_clip_ptr).to(tl.float32)
+
+        param = engine.operand(param_ptrs, t, PARAM_DTYPE, ALIGNED)
+        exp_avg = engine.operand(exp_avg_ptrs, t, tl.float32, ALIGNED)
+        exp_avg_sq = engine.operand(exp_avg_sq_ptrs, t, tl.float32, ALIGNED)
+        grad = param  # not read by APPLY
+        if PHASE != APPLY:
+            grad = engine.operand(grad_ptrs, t, GRAD_DTYPE, ALIGNED)
+        master = param  # not read without master weights
+        if MASTER:
+            master = engine.operand(master_ptrs, t, tl.float32, ALIGNED)
+        scalars = (grad_scale_ptr, grad_clip, bc1, bc2, coef, weight_decay.to(tl.float32),
+                   beta1.to(tl.float32), (1.0 - beta1).to(tl.float32),
+                   beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), eps.to(tl.float32))
+        if full:
+            sq_theta, sq_u = _lamb_block(param, grad, exp_avg, exp_avg_sq, master, offs, mask, *scalars,
+                                         False, PHASE, BIAS_CORRECTION, MASTER, UNSCALE, GRAD_CLIP)
+        else:
+            sq_theta, sq_u = _lamb_block(param, grad, exp_avg, exp_avg_sq, master, offs, mask, *scalars,
+                                         True, PHASE, BIAS_CORRECTION, MASTER, UNSCALE, GRAD_CLIP)
+
+        if PHASE == NORMS:
+            pid = tl.program_id(0)
+            tl.store(partial_theta + pid, sq_theta)
+            tl.store(partial_u + pid, sq_u)
+        else:
+            if engine.last_block_of_tensor(arrivals, t, numels, BLOCK):
+                tl.store(step_ptr, step)
+
+
+OPERANDS = ("param", "grad", "exp_avg", "exp_avg_sq", "master_param", "step")
+
+
+def lamb(table: engine.TensorTable, hp: dict, *, param_dtype, grad_dtype, master: bool,
+         grad_scale=None, found_inf=None):
+    """One LAMB step over every tensor of ``table`` (operands in the order of ``OPERANDS``): NORMS,
+    segment_sum, APPLY; or one FUSED launch for a group without layer adaptation. Launches: 3 (or 1), whatever
+    the number of tensors.
+
+    ``hp``: lr (float or a 1-element tensor on the params' device), beta1, beta2, eps, weight_decay,
+    bias_correction, trust_clip (None or (lo, hi)), layer_adaptation, grad_clip (None, or c = min(1,
+    max_grad_norm / G) as a 0-d float64 or float32 device tensor; the kernel rounds it to fp32). ``master``: the
+    ``master_param`` operand holds fp32 master weights. ``grad_scale``/``found_inf``: device tensors from a
+    GradScaler, or None.
+    """
+    lr = hp["lr"]
+    lr_on_device = isinstance(lr, torch.Tensor)
+    grad_clip = hp.get("grad_clip")
+    trust_clip = hp["trust_clip"]
+    lo, hi = (0.0, 0.0) if trust_clip is None else (float(trust_clip[0]), float(trust_clip[1]))
+    p = table.ptrs
+    operands = (p["param"], p["grad"], p["exp_avg"], p["exp_avg_sq"], p["master_param"], p["step"])
+    scalars = (0.0 if lr_on_device else float(lr), lr if lr_on_device else None,
+               float(hp["beta1"]), float(hp["beta2"]), float(hp["eps"]), float(hp["weight_decay"]), lo, hi,
+               grad_scale, found_inf, grad_clip)
+    flags = dict(
+        PARAM_DTYPE=engine.tl_dtype(param_dtype), GRAD_DTYPE=engine.tl_dtype(grad_dtype),
+        BIAS_CORRECTION=bool(hp["bias_correction"]), MASTER=master, LR_ON_DEVICE=lr_on_device,
+        UNSCALE=grad_scale is not None, SKIP_IF_INF=found_inf is not None, GRAD_CLIP=grad_clip is not None,
+        TRUST_CLIP=trust_clip is not None,
+    )
+    if not hp["layer_adaptation"]:
+        engine.launch(_lamb_kernel, table, *operands, None, None, None, None, *scalars, PHASE=FUSED.value, **flags)
+        return
+
+    # Pass 1: moments, and each block's Σθ², Σu² in its own slot (row 0: θ, row 1: u).
+    partials = torch.empty((2, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    engine.launch(_lamb_kernel, table, *operands, partials[0], partials[1], None, None, *scalars,
+                  PHASE=NORMS.value, **flags)
+    # The per-tensor reduction, a visible step: sums[0, i] = ‖θ_i‖², sums[1, i] = ‖u_i‖². Sums of squares add
+    # across shards, so under FSDP an all-reduce(SUM) of ``sums`` over the shard group is all LAMB needs here.
+    sums = engine.segment_sum(partials, table.first_block)
+    # Pass 2: the update with the trust ratio.
+    engine.launch(_lamb_kernel, table, *operands, None, None, sums[0], sums[1], *scalars,
+                  PHASE=APPLY.value, **flags)
+
+
+lamb.OPERANDS = OPERANDS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The global gradient norm (max_grad_norm): one read of every grad, per-block partial sums, one segment sum.
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _grad_sq_block(grad, offs, mask, grad_scale_ptr, MASKED: tl.constexpr, UNSCALE: tl.constexpr):
+    g = engine.load(grad, offs, mask, MASKED)
+    if UNSCALE:
+        g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))  # the g of pass 1, bitwise
+    gg = g * g
+    if MASKED:
+        gg = tl.where(mask, gg, 0.0)
+    return tl.sum(gg, axis=0)
+
+
+@triton.jit
+def _grad_sq_kernel(
+    grad_ptrs, partials, grad_scale_ptr, found_inf_ptr,
+    numels, block_tensor, block_start, arrivals,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    UNSCALE: tl.constexpr, SKIP_IF_INF: tl.constexpr,
+):
+    acc = tl.full([], 0.0, tl.float32)
+    skip = 0.0
+    if SKIP_IF_INF:  # the step is skipped: read nothing, contribute 0
+        skip = tl.load(found_inf_ptr).to(tl.float32)
+    if skip == 0.0:
+        t, offs, mask, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
+        grad = engine.operand(grad_ptrs, t, GRAD_DTYPE, ALIGNED)
+        if full:
+            acc = _grad_sq_block(grad, offs, mask, grad_scale_ptr, False, UNSCALE)
+        else:
+            acc = _grad_sq_block(grad, offs, mask, grad_scale_ptr, True, UNSCALE)
+    tl.store(partials + tl.program_id(0), acc)
+
+
+def grad_sq_norm(table: engine.TensorTable, *, grad_dtype, grad_scale=None, found_inf=None) -> torch.Tensor:
+    """Σ g² over every grad of ``table`` (g divided by ``grad_scale`` first, as pass 1 divides it), a 0-d fp32
+    device tensor; two launches (the grad pass and one segment sum), no host synchronization, deterministic."""
+    partials = torch.empty((1, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    engine.launch(_grad_sq_kernel, table, table.ptrs["grad"], partials, grad_scale, found_inf,
+                  GRAD_DTYPE=engine.tl_dtype(grad_dtype), UNSCALE=grad_scale is not None,
+                  SKIP_IF_INF=found_inf is not None)
+    # One segment over every block: first_block[0] = 0 and first_block[n_tensors] = n_blocks, on the device.
+    whole = table.first_block[:: table.n_tensors].contiguous()
+    return engine.segment_sum(partials, whole)[0, 0]
+
+
+def compile_variants():
+    """Variants compiled by kernels/compile_check.py: every pass, flag and dtype path at least once."""
+    def make(param_dtype, grad_dtype, master, lr_tensor=False, scaler=False, grad_clip=False, **flags):
+        def run():
+            from fused_optim.tables import TensorTable
+            n = 3
+            ops = {name: [torch.zeros(8) for _ in range(n)] for name in OPERANDS}
+            ops["param"] = [torch.zeros(8, dtype=param_dtype) for _ in range(n)]
+            ops["grad"] = [torch.zeros(8, dtype=grad_dtype) for _ in range(n)]
+            ops["step"] = [torch.zeros(()) for _ in range(n)]
+            table = TensorTable.build(ops, torch.device("cpu"))
+            hp = dict(lr=torch.tensor(1e-3) if lr_tensor else 1e-3, beta1=0.9, beta2=0.999, eps=1e-6,
+                      weight_decay=0.01, bias_correction=True, trust_clip=None, layer_adaptation=True,
+                      grad_clip=torch.ones((), dtype=torch.float64) if grad_clip else None)
+            hp.update(flags)
+            scale = torch.ones(()) if scaler else None
+            found_inf = torch.zeros(()) if scaler else None
+            lamb(table, hp, param_dtype=param_dtype, grad_dtype=grad_dtype, master=master, grad_scale=scale,
+                 found_inf=found_inf)
+            if grad_clip:
+                grad_sq_norm(table, grad_dtype=grad_dtype, grad_scale=scale, found_inf=found_inf)
+        return run
+    return [
+        ("fp32", make(torch.float32, torch.float32, False)),
+        ("fp32-fused-no_bias_correction-lr_tensor-scaler-grad_clip",
+         make(torch.float32, torch.float32, False, lr_tensor=True, scaler=True, grad_clip=True,
+              layer_adaptation=False, bias_correction=False)),
+        ("bf16-master-scaler-grad_clip-trust_clip",
+         make(torch.bfloat16, torch.bfloat16, True, scaler=True, grad_clip=True, trust_clip=(0.0, 10.0))),
+        ("fp16-param-fp32-grad-grad_clip", make(torch.float16, torch.float32, False, grad_clip=True)),
+    ]
