@@ -71,7 +71,7 @@ class CheckSpec:
 
 
 def check_specs() -> list:
-    from . import FusedAdafactor, FusedAdam, FusedAdamW, testing
+    from . import FusedAdafactor, FusedAdam, FusedAdamW, FusedLAMB, testing
 
     def adam(cls, kwargs, l2):
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -85,10 +85,19 @@ def check_specs() -> list:
         def run(backend, dtype, master, **common):
             return testing.adafactor_parity(FusedAdafactor, backend, dtype, kwargs, master=master, **common)[1]
         return run
+
+    def lamb(groups, max_grad_norm):
+        def run(backend, dtype, master, **common):
+            return testing.lamb_parity(FusedLAMB, backend, dtype, groups, master=master, max_grad_norm=max_grad_norm,
+                                       **common)[1]
+        return run
     return [
         CheckSpec("adam", adam(FusedAdam, dict(weight_decay=0.01, amsgrad=True), 0.01)),
         CheckSpec("adamw", adam(FusedAdamW, dict(weight_decay=0.1), 0.0)),
         CheckSpec("adafactor", adafactor(dict(beta1=0.9, weight_decay=0.01))),
+        # Two groups, alternating over the model's tensors: adapted with decay, and apex's no-decay group without
+        # adaptation; the global grad-norm clip is active at every step (grads up to 100 per element).
+        CheckSpec("lamb", lamb((dict(weight_decay=0.01), dict(weight_decay=0.0, layer_adaptation=False)), 1.0)),
     ]
 
 

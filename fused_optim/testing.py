@@ -56,12 +56,14 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = ["ulp", "theta_atol", "state_atol", "assert_close_atol", "assert_within_ulps", "param_ulps", "run_parity",
            "adam_parity_checks", "BIG_LR_STEPS", "ParityRun",
            "ADAFACTOR_NOTES", "sum_gap", "adafactor_gaps", "adafactor_parity",
-           "LAMB_THREADS", "LAMB_K_U", "reduction_depth", "sum_sq_rel", "lamb_theta_tol", "assert_within"]
+           "LAMB_THREADS", "LAMB_K_U", "reduction_depth", "sum_sq_rel", "n_blocks", "lamb_clip_gap", "norm_f64",
+           "global_clip_f64", "lamb_step_f64", "lamb_moment_bounds", "lamb_theta_bound", "worst_row", "lamb_parity"]
 
 EPS32 = 2.0 ** -24
 UPDATE_BOUND = 10.0  # |u| <= UPDATE_BOUND * lr, see above
@@ -186,7 +188,7 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LAMB (tests/test_lamb.py)
+# LAMB (tests/test_lamb.py; ``python -m fused_optim check``)
 # ----------------------------------------------------------------------------------------------------------------
 # LAMB's update is Adam's element math times a per-tensor ratio of norms: r = ||theta|| / ||u||. The element
 # math of the kernel and the reference is the same sequence of fp32 operations (as Adam's, see
@@ -208,25 +210,70 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # u_i = fma(lambda, theta_i, a_i) by <= K_U eps32 (|a_i| + lambda |theta_i|), K_U = 14: relative to |a| + lambda|theta|
 # and not to |u|, because u may cancel.
 #
-# Ratio. r~ / r - 1 <= rho = d_theta eps32 / 2 + d_u eps32 / 2 + K_U eps32 || |a| + lambda |theta| || / ||u||
-# (first order; the ratio itself, a square root and a division, is computed in fp64 from the fp32 sums on both
-# sides). A trust_clip clamp is 1-Lipschitz, and r = 1 (no adaptation, or a zero norm) is exact on both sides.
+# Ratio. r~ / r - 1 <= rho = sum_sq_rel(n_b) + K_U eps32 || |a| + lambda |theta| || / ||u||  (d eps32 / 2 for
+# each of the two norms; first order; the ratio itself, a square root and a division, is computed in fp64 from the
+# fp32 sums on both sides). A trust_clip clamp is 1-Lipschitz, and r = 1 (no adaptation, or a zero norm) is exact
+# on both sides.
 #
 # Update. theta' = fma(-(gamma r) rounded to fp32, u_i, theta_i) on both sides, so one step from the same state:
 #     |theta'~_i - theta'_i| <= gamma r K_U eps32 (|a_i| + lambda |theta_i|) + gamma r |u_i| (rho + 2 eps32)
 #                               + 2 eps32 |theta'_i|
 # (the coefficient's fp32 rounding: 2 eps32; each side's final rounding: eps32 |theta'|). The moments do not depend
-# on theta and agree as Adam's do: 3 eps32 max|m| per step. The parity tests check this one-step bound at every
-# step, starting each step from the same state (the fused one copied into the reference), so no model of how
-# earlier differences propagate is needed; 20 steps of it are still 20 steps of evolving moments. A bf16/fp16
-# param (or a master rounded to one) adds one ulp of its dtype: both sides round values within the bound above.
+# on theta and agree as Adam's do: 3 eps32 max|m| per step. ``lamb_parity(resync=True)`` checks this one-step bound
+# at every step, starting each step from the same state (the fused one copied into the reference); 20 steps of it
+# are still 20 steps of evolving moments. A bf16/fp16 param (or a master rounded to one) adds one ulp of its dtype:
+# both sides round values within the bound above. All bounds are first order, evaluated at float64 magnitudes
+# (``lamb_step_f64`` of the state before the step), times 1 + 1e-3 for the neglected products of two gaps (each
+# gap is < 1e-4 relative).
 #
 # Global norm (max_grad_norm). G^2 is one segment over every block of a bucket: d = 1 + 39 + ceil(n_blocks / 1024)
-# + 15, |G~^2 / G^2 - 1| <= d eps32, tested directly. Parity runs with max_grad_norm use grads whose squares sum
-# exactly in fp32 in any order (small integers times one power of two), so that both sides get the same c and
-# the one-step bound above applies unchanged.
+# + 15, |G~^2 / G^2 - 1| <= d eps32, tested directly. With grads whose squares sum exactly in fp32 in any order
+# (small integers times one power of two, ``exact_grads``, while the integer total stays below 2^24) both sides get
+# the same c and nothing is added. Otherwise the fused c differs from the reference's (float64 sums, exact to
+# ~n 2^-53): G = sqrt(G^2) halves the relative error, c = min(1, kappa / G) keeps it (min is 1-Lipschitz), and each
+# side rounds c to fp32 and then g c (2 eps32 each): every clipped grad differs by
+#     delta_c = sum_sq_rel(n_blocks of the optimizer) / 2 + 4 eps32      (relative, ``lamb_clip_gap``)
+# Its effect goes through the moments: |dm| <= (1 - beta1) |g c| delta_c, |dv| <= (1 - beta2) (gc)^2 (2 delta_c +
+# delta_c^2), and from them through a (the "moment channel" below).
+#
+# End to end (``lamb_parity(resync=False)``). Both optimizers start from the same state, get the same grads, and are
+# never re-aligned: a gap (fused minus reference) entering a step comes out changed, and the check is that the
+# accumulated gap stays within a bound carried from step to step. Write D >= |d theta| for the bound entering the
+# step (0 at the start), dm, dv for the moment gaps after it. To first order in the gaps:
+#     d u     = d a + lambda d theta
+#     d r / r = d||theta|| / ||theta|| - d||u|| / ||u||,   |d||theta||| <= ||d theta||,  |d||u||| <= ||d u||
+#     d theta' = d theta - gamma (r d u + d r u) = (1 - gamma r lambda) d theta - gamma r d a - gamma d r u
+# and with the one-step rounding terms above (which are what a step adds when it starts from the same state):
+#     |d theta'_i| <= |1 - gamma r lambda| D_i + gamma r (Da_i + K_U eps32 s_i) + gamma r |u_i| (rho + 2 eps32)
+#                     + 2 eps32 |theta'_i|
+#     rho = sum_sq_rel(n_b) + ||D|| / ||theta|| + ||Du|| / ||u||,   Du = Da + lambda D + K_U eps32 s
+# (s = |a| + lambda |theta|). With D = 0 and Da = 0 this is the one-step bound, term for term
+# (``lamb_theta_bound`` computes both). How D itself propagates: its terms, in norm, are
+#     |1 - gamma r lambda| + gamma r lambda + gamma r ||u|| / ||theta||      (times ||D||; the decay
+# term lambda theta inside u, then the two norms in r: lambda d theta in ||u||, and ||theta||); for gamma r lambda <= 1
+# the decay's -gamma r lambda cancels the +gamma r lambda of ||u||, and
+#     ||D'|| <= (1 + gamma_t r_t ||u_t|| / ||theta_t||) ||D|| + (what step t adds)
+#            =  (1 + gamma_t) ||D|| + ...      when r = ||theta|| / ||u|| (not clamped by trust_clip)
+# i.e. c = 1 in a factor (1 + c gamma r ||u|| / ||theta||): the step moves theta by gamma ||theta|| in norm, so a
+# relative gap in ||theta|| moves it by gamma times that gap. Over the test schedule (gamma = 1e-2, 20x on two
+# steps): prod (1 + gamma_t) = 1.01^18 1.2^2 = 1.72. The moment channel: m and v depend on nothing but g (and c),
+# not on theta, so their gaps carry over only through the momentum, decaying:
+#     Bm_t = beta1 Bm_{t-1} + (1 - beta1) |g c| delta_c + 3 eps32 max|m_t|     (v: beta2, (gc)^2 (2 delta_c + ...))
+# and since theta cannot feed back into them, the theta bound may take their *measured* gaps after the step (each
+# checked against its own Bm, Bv) without circularity; a = m^ / (sqrt(v^) + eps) moves by
+#     Da_i = |dm_i| / (bc1 (s^_i + eps)) + |a_i| Ds_i / (s^_i + eps),
+#     Ds_i = min(|dv_i| / (2 bc2 s^_i), sqrt(|dv_i| / bc2))
+# (s^ = sqrt(v^); the square root moves by dv^ / (2 s^) to first order and never by more than sqrt(dv^)). Without
+# clipping (or with exact grads) the moments agree bitwise and Da = 0. Every magnitude is the reference
+# trajectory's own (its state before the step, recomputed in float64 by ``lamb_step_f64``), as in the Adafactor
+# section. bf16/fp16 params: with master weights the master carries D and the param is its rounding (+1 ulp of
+# the dtype, as above). Without master weights the param is rounded to its dtype every step, and a gap of one ulp
+# of the storage dtype (a straddle, p ~ gamma r |u| rho / ulp per element and step, ~1e-6) persists; the end-to-end
+# check is then Adam's, param_ulps = 2 ulps at max_t |theta_t| (module docstring): one ulp of theta changes u by
+# lambda ulp and r by ~ulp |theta_i| / ||theta|| relative, far below an ulp of the update.
 LAMB_THREADS = 32 * 4  # kernels/engine.NUM_WARPS warps of 32 threads
 LAMB_K_U = 14
+FIRST_ORDER_SLACK = 1e-3  # the neglected products of two gaps, relative
 
 
 def reduction_depth(lanes: int, threads: int = LAMB_THREADS) -> int:
@@ -242,28 +289,101 @@ def sum_sq_rel(n_blocks: int, block: int = 4096, chunk: int = 1024) -> float:
     return depth * EPS32
 
 
-def lamb_theta_tol(*, gamma: float, r: float, adapted: bool, a, theta, u, theta_new, wd: float,
-                   n_blocks: int) -> torch.Tensor:
-    """Elementwise one-step bound on |fused theta' - reference theta'| (float64 tensors in; see above).
-    ``r``: the reference's final ratio; ``adapted``: r came from the norms (not 1 by rule or by a zero norm)."""
-    spread = a.abs() + wd * theta.abs()
+def n_blocks(numel: int, block: int = 4096) -> int:
+    """Blocks of a tensor in the engine's block map (a zero-size tensor still has one)."""
+    return max(1, -(-numel // block))
+
+
+def lamb_clip_gap(n_blocks_total: int) -> float:
+    """delta_c: the relative gap of every clipped grad between fused and reference (see above)."""
+    return sum_sq_rel(n_blocks_total) / 2 + 4 * EPS32
+
+
+def norm_f64(x) -> float:
+    """||x|| from the exact sum of the float64 squares (math.fsum)."""
+    return math.sqrt(math.fsum(e * e for e in np.asarray(x, dtype=np.float64).ravel().tolist()))
+
+
+def global_clip_f64(grads, max_grad_norm) -> float:
+    """c = min(1, max_grad_norm / G), G the L2 norm over every element of every grad (exact sums); 1 without
+    max_grad_norm."""
+    if max_grad_norm is None:
+        return 1.0
+    G = math.sqrt(math.fsum(e * e for g in grads for e in np.asarray(g, dtype=np.float64).ravel().tolist()))
+    return min(1.0, max_grad_norm / G) if G > 0 else 1.0
+
+
+def lamb_step_f64(theta, g, m, v, step, hp) -> dict:
+    """One LAMB step on one tensor in float64 (numpy), written from issue 4's formula independently of the
+    reference. ``g``: the grad after clipping; ``hp``: lr, betas, eps, weight_decay, bias_correction, trust_clip,
+    layer_adaptation (a param group). Returns the new theta, m, v, the intermediates a, u, r, s = sqrt(v^), the
+    bias corrections bc1, bc2, and whether r came from the norms (``adapted``)."""
+    beta1, beta2 = hp["betas"]
+    t = step + 1
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    bc1, bc2 = (1 - beta1 ** t, 1 - beta2 ** t) if hp["bias_correction"] else (1.0, 1.0)
+    s = np.sqrt(v / bc2)
+    a = (m / bc1) / (s + hp["eps"])
+    u = a + hp["weight_decay"] * theta
+    r, adapted = 1.0, False
+    if hp["layer_adaptation"]:
+        w_norm, u_norm = norm_f64(theta), norm_f64(u)
+        if w_norm > 0 and u_norm > 0:
+            r, adapted = w_norm / u_norm, True
+        if hp["trust_clip"] is not None:
+            r = min(max(r, hp["trust_clip"][0]), hp["trust_clip"][1])
+    return dict(theta=theta - float(hp["lr"]) * r * u, m=m, v=v, a=a, u=u, r=r, s=s, bc1=bc1, bc2=bc2,
+                adapted=adapted)
+
+
+def lamb_moment_bounds(hp, g, max_m: float, max_v: float, *, b_m=0.0, b_v=0.0, delta_c: float = 0.0):
+    """Bounds (elementwise, float64) on the fused-vs-reference gaps of exp_avg and exp_avg_sq after a step: the
+    bounds ``b_m``, ``b_v`` entering it decay by beta, the clip gap ``delta_c`` of the (clipped) grad ``g`` enters
+    through (1 - beta), and the step's roundings add 3 eps32 max|m|, max|v| (the reference's, after the step)."""
+    beta1, beta2 = hp["betas"]
+    gc = np.abs(g)
+    return (beta1 * b_m + (1 - beta1) * gc * delta_c + 3 * EPS32 * max_m,
+            beta2 * b_v + (1 - beta2) * gc * gc * (2 * delta_c + delta_c ** 2) + 3 * EPS32 * max_v)
+
+
+def lamb_theta_bound(e: dict, hp, theta, *, n_blocks: int, d_theta=0.0, d_m=0.0, d_v=0.0) -> np.ndarray:
+    """Elementwise bound on |fused theta' - reference theta'| after one step (float64; see above). ``e``:
+    ``lamb_step_f64`` of the reference's state before the step, whose theta is ``theta``; ``n_blocks``: the
+    tensor's blocks; ``d_theta``: the bound on the theta gap entering the step (0 when both start from the same
+    state); ``d_m``, ``d_v``: the moments' gaps after the step (measured; 0 when they agree bitwise)."""
+    gamma, lam, eps, r = float(hp["lr"]), hp["weight_decay"], hp["eps"], e["r"]
+    a, u, s = e["a"], e["u"], e["s"]
+    spread = np.abs(a) + lam * np.abs(theta)
+    d_vhat = np.asarray(d_v, dtype=np.float64) / e["bc2"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d_s = np.where(s > 0, np.minimum(d_vhat / (2 * s), np.sqrt(d_vhat)), np.sqrt(d_vhat))
+        d_a = (np.asarray(d_m, dtype=np.float64) / e["bc1"] + np.abs(a) * d_s) / (s + eps)
+    d_theta = np.broadcast_to(np.asarray(d_theta, dtype=np.float64), np.shape(theta))
+    own = LAMB_K_U * EPS32 * spread  # this step's roundings of u
     rho = 0.0
-    if adapted:
-        u_norm = float(torch.linalg.vector_norm(u))
-        rho = sum_sq_rel(n_blocks) + LAMB_K_U * EPS32 * float(torch.linalg.vector_norm(spread)) / u_norm
+    if e["adapted"]:
+        d_u = d_a + lam * d_theta + own
+        rho = (sum_sq_rel(n_blocks) + float(np.linalg.norm(d_theta)) / norm_f64(theta)
+               + float(np.linalg.norm(d_u)) / norm_f64(u))
         rho *= 1.0 + rho  # a clamp can move one side's ratio past the bound by rho r at most
-    return (gamma * r * LAMB_K_U * EPS32 * spread + gamma * r * u.abs() * (rho + 2 * EPS32)
-            + 2 * EPS32 * theta_new.abs())
+    bound = (abs(1.0 - gamma * r * lam) * d_theta + gamma * r * (d_a + own)
+             + gamma * r * np.abs(u) * (rho + 2 * EPS32) + 2 * EPS32 * np.abs(e["theta"]))
+    return bound * (1.0 + FIRST_ORDER_SLACK)
 
 
-def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor, what: str) -> None:
-    """|actual - expected| <= tol elementwise (float64); reports the worst element relative to its bound."""
-    gap = (actual.double() - expected.double()).abs()
-    over = gap - tol
-    if gap.numel() and bool((over > 0).any()):
-        i = int(over.argmax())
-        raise AssertionError(f"{what}: element {i} off by {gap.flatten()[i].item():.3e}, bound "
-                             f"{tol.flatten()[i].item():.3e} ({int((over > 0).sum())} of {gap.numel()} over)")
+def worst_row(what: str, gap, bound) -> tuple:
+    """(what, error, bound) for an elementwise bound: the element with the largest gap / bound (a gap where the
+    bound is 0 counts as infinitely over)."""
+    gap = np.abs(np.asarray(gap, dtype=np.float64))
+    gap, bound = np.broadcast_arrays(gap, np.asarray(bound, dtype=np.float64))
+    if gap.size == 0:
+        return (what, 0.0, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(bound > 0, gap / bound, np.where(gap > 0, np.inf, 0.0))
+    j = int(np.argmax(ratio))
+    return (f"{what} [element {j}]", float(gap.flat[j]), float(bound.flat[j]))
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running a fused backend and the reference side by side (tests/test_parity.py and ``python -m fused_optim check``)
@@ -455,4 +575,164 @@ def adafactor_parity(cls, backend: str, dtype: torch.dtype, variant: dict, *, sh
                 at = torch.maximum(max_abs[i], torch.maximum(a.abs(), e.abs()))
                 checks.append((f"{where} (ulps of {dtype})", ((a - e).abs() / ulp(at, dtype)).max().item(),
                                float(param_ulps(dtype, master))))
+    return ParityRun(fused, ref, fused_params, ref_params, lrs, max_abs), checks
+
+
+def _set_lr(opt, lr: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def _lamb_snapshot(opt, params) -> list:
+    """(theta, m, v, step) of each param in float64 numpy, before a step (theta: the master when there is one)."""
+    out = []
+    for p in params:
+        st = opt.state[p]
+        zeros = np.zeros(tuple(p.shape))
+        m = st["exp_avg"].double().cpu().numpy() if "exp_avg" in st else zeros
+        v = st["exp_avg_sq"].double().cpu().numpy() if "exp_avg_sq" in st else zeros
+        out.append((_theta(opt, p).double().cpu().numpy(), m, v, float(st["step"]) if "step" in st else 0.0))
+    return out
+
+
+def _lamb_resync(fused, ref, fused_params, ref_params) -> None:
+    """Copy the fused params and state into the reference, so that the next step starts from the same state."""
+    with torch.no_grad():
+        for pf, pr in zip(fused_params, ref_params):
+            pr.copy_(pf)
+            for key, value in fused.state[pf].items():
+                ref.state[pr][key].copy_(value)
+
+
+def lamb_parity(cls, backend: str, dtype: torch.dtype, group_kwargs, *, shapes, grad_scales, device,
+                steps: int = 20, master: bool = False, max_grad_norm=None, seed: int = 0, resync: bool = True,
+                lr: float = 1e-2, lr_tensor: bool = False, zero=(), exact_grads: bool = False):
+    """Step ``cls(..., backend=backend)`` (FusedLAMB) and a reference one side by side on identical grads and check,
+    after every step, params (and master weights) and moments against the bounds of the LAMB section above.
+
+    ``group_kwargs``: one param group's options (a dict), or a sequence of them (param i goes to group
+    ``i % len``). Params are random in ``dtype`` (those listed in ``zero`` start at 0); the grads of tensor i are
+    N(0, grad_scales[i]^2), or with ``exact_grads`` small integers times 2^-4 (their squares sum exactly: the
+    same clip coefficient on both sides). Steps in ``BIG_LR_STEPS`` use 20x ``lr``; ``lr_tensor`` gives the
+    fused optimizer its lr as a device tensor.
+
+    Every step is checked from the gaps that entered it (measured exactly: both states are known) with
+    ``lamb_theta_bound`` and ``lamb_moment_bounds``. ``resync=True``: before every step the fused params and state
+    are copied into the reference, so those gaps are 0 and this is the one-step bound. ``resync=False``: end to
+    end, never re-aligned; each step's check then includes how the gaps that entered it propagate, and the
+    accumulated bound (the same map applied to bounds, from 0 at the start) is carried along and checked too,
+    rows marked "accumulated" (fp32 params and master weights; bf16/fp16 params without master weights get
+    Adam's check in ulps of their dtype instead, param_ulps).
+
+    Returns (ParityRun, checks) with checks as (what, error, bound); raises AssertionError on a broken invariant
+    that has no tolerance (state keys, step counts, state dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    fused_params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    with torch.no_grad():
+        for i in zero:
+            fused_params[i].zero_()
+    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    specs = [group_kwargs] if isinstance(group_kwargs, dict) else list(group_kwargs)
+
+    def groups(params, tensor_lr):
+        out = []
+        for j, spec in enumerate(specs):
+            spec = dict(spec, params=params[j::len(specs)])
+            if tensor_lr:
+                spec["lr"] = torch.tensor(float(spec.get("lr", lr)), device=device)
+            out.append(spec)
+        return out
+
+    fused = cls(groups(fused_params, lr_tensor), lr=lr, backend=backend, master_weights=master,
+                max_grad_norm=max_grad_norm)
+    ref = cls(groups(ref_params, False), lr=lr, backend="reference", master_weights=master,
+              max_grad_norm=max_grad_norm)
+    group_of = {id(p): g for g in ref.param_groups for p in g["params"]}
+    fp32_theta = dtype == torch.float32 or master  # theta is fp32: the accumulated bound applies to it
+    blocks_total = sum(n_blocks(p.numel()) for p in fused_params)
+    carried = [dict(theta=0.0, m=0.0, v=0.0) for _ in shapes]  # accumulated bounds (resync=False)
+    checks, lrs = [], []
+    max_abs = [p.detach().float().abs() for p in ref_params]
+    for k in range(steps):
+        step_lr = lr * (20.0 if k in BIG_LR_STEPS else 1.0)
+        lrs.append(step_lr)
+        _set_lr(fused, step_lr)
+        _set_lr(ref, step_lr)
+        for pf, pr, scale in zip(fused_params, ref_params, grad_scales):
+            if exact_grads:
+                g = torch.randint(-8, 9, pf.shape, generator=gen).float() * 2.0 ** -4
+            else:
+                g = torch.randn(pf.shape, generator=gen) * scale
+            g = g.to(device=device, dtype=dtype)
+            pf.grad, pr.grad = g.clone(), g.clone()
+        g64 = [p.grad.double().cpu().numpy() for p in ref_params]
+        c = global_clip_f64(g64, max_grad_norm)
+        # The clip gap: 0 without clipping, or when every partial sum of Σg² is an exact fp32 number (integers
+        # times 2^-8, at most 2^24 of them); else lamb_clip_gap.
+        exact_sum = exact_grads and sum(float(np.square(g * 16).sum()) for g in g64) <= 2.0 ** 24
+        delta_c = 0.0 if max_grad_norm is None or exact_sum else lamb_clip_gap(blocks_total)
+        before_f, before = _lamb_snapshot(fused, fused_params), _lamb_snapshot(ref, ref_params)
+        fused.step()
+        ref.step()
+        for m, p in zip(max_abs, ref_params):
+            torch.maximum(m, p.detach().float().abs(), out=m)
+
+        for i, (pf, pr) in enumerate(zip(fused_params, ref_params)):
+            sf, sr = fused.state[pf], ref.state[pr]
+            where = f"step {k} param {i} {tuple(pr.shape)}"
+            if set(sf) != set(sr):
+                raise AssertionError(f"{where}: state keys {sorted(sf)} != reference {sorted(sr)}")
+            if not (sf["step"].dtype == torch.float32 and sf["step"].dim() == 0):
+                raise AssertionError(f"{where}: step must be a float32 scalar tensor, got {sf['step']!r}")
+            if not float(sf["step"]) == float(sr["step"]) == before[i][3] + 1:
+                raise AssertionError(f"{where}: step {float(sf['step'])}, reference {float(sr['step'])}, "
+                                     f"want {before[i][3] + 1}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                if sf[key].dtype != torch.float32:
+                    raise AssertionError(f"{where} {key} is {sf[key].dtype}: states are fp32")
+            if pr.numel() == 0:
+                continue
+            hp = dict(group_of[id(pr)])
+            theta, m, v, step = before[i]
+            g = g64[i] * c
+            e = lamb_step_f64(theta, g, m, v, step, hp)
+            # The gaps that entered this step (0 after a resync), and the bounds carried to it.
+            entered = dict(theta=np.abs(before_f[i][0] - theta), m=np.abs(before_f[i][1] - m),
+                           v=np.abs(before_f[i][2] - v))
+            accumulated = [] if resync else [(" (accumulated)", carried[i])]
+
+            gap_m = (sf["exp_avg"].double() - sr["exp_avg"].double()).abs().cpu().numpy()
+            gap_v = (sf["exp_avg_sq"].double() - sr["exp_avg_sq"].double()).abs().cpu().numpy()
+            gap_master = None
+            if "master_param" in sr:
+                gap_master = (sf["master_param"].double() - sr["master_param"].double()).abs().cpu().numpy()
+            gap_param = (pf.detach().double() - pr.detach().double()).abs().cpu().numpy()
+            rounding = 0.0 if dtype == torch.float32 else ulp(pr.detach().cpu(), dtype).double().numpy()
+            max_m, max_v = _max_abs(sr["exp_avg"]), _max_abs(sr["exp_avg_sq"])
+            new_carried = {}
+            for label, into in [("", entered)] + accumulated:
+                b_m, b_v = lamb_moment_bounds(hp, g, max_m, max_v, b_m=into["m"], b_v=into["v"], delta_c=delta_c)
+                checks.append(worst_row(f"{where} exp_avg{label}", gap_m, b_m))
+                checks.append(worst_row(f"{where} exp_avg_sq{label}", gap_v, b_v))
+                if label and not fp32_theta:
+                    new_carried = dict(theta=0.0, m=b_m, v=b_v)
+                    continue
+                b_theta = lamb_theta_bound(e, hp, theta, n_blocks=n_blocks(pr.numel()), d_theta=into["theta"],
+                                           d_m=gap_m, d_v=gap_v)
+                if gap_master is not None:
+                    checks.append(worst_row(f"{where} master_param{label}", gap_master, b_theta))
+                checks.append(worst_row(f"{where} param{label}", gap_param, b_theta + rounding))
+                new_carried = dict(theta=b_theta, m=b_m, v=b_v)
+            if not resync:
+                carried[i] = new_carried
+                if not fp32_theta:  # Adam's end-to-end check of a param rounded every step (module docstring)
+                    a, r = pf.detach().float().cpu(), pr.detach().float().cpu()
+                    at = torch.maximum(max_abs[i].cpu(), torch.maximum(a.abs(), r.abs()))
+                    checks.append((f"{where} param (ulps of {dtype} at max_t |theta_t|)",
+                                   ((a - r).abs() / ulp(at, dtype)).max().item(), float(param_ulps(dtype, False))))
+        if resync:
+            _lamb_resync(fused, ref, fused_params, ref_params)
     return ParityRun(fused, ref, fused_params, ref_params, lrs, max_abs), checks
