@@ -151,6 +151,51 @@ def test_parity_master_weights(backend):
         assert run.fused.state[p]["master_param"].dtype == torch.float32
 
 
+END_TO_END = [
+    # (dtype, master, param groups, options): clipping with random grads in the second makes the clip gap (and so
+    # the moment channel of the propagation) non-zero.
+    (torch.float32, False, (dict(weight_decay=0.01), dict(weight_decay=0.0, layer_adaptation=False)),
+     dict(zero=(3,))),
+    (torch.bfloat16, True, (dict(weight_decay=0.01), dict(weight_decay=0.1, trust_clip=(0.0, 2.0))),
+     dict(max_grad_norm=4.0)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,master,groups,options", END_TO_END, ids=["float32", "bfloat16-master"])
+def test_parity_end_to_end(backend, dtype, master, groups, options):
+    """Fused and reference run 20 steps (the 20x-lr steps included) without ever being re-aligned: every step's
+    params, master weights and moments within the bound propagated from the gaps that entered it, and within the
+    accumulated bound carried from the start (fused_optim/testing.py, LAMB, "End to end")."""
+    run, checks = parity(backend, dtype, groups, master=master, resync=False, **options)
+    accumulated = [c for c in checks if "(accumulated)" in c[0]]
+    kinds = ("exp_avg", "exp_avg_sq", "param") + (("master_param",) if master else ())
+    tensors = sum(1 for s in SHAPES if torch.Size(s).numel())
+    assert len(accumulated) == STEPS * tensors * len(kinds)
+    # The trajectories did drift apart (or this would test nothing that the resync parity does not).
+    theta = [run.fused.state[p]["master_param"] if master else p for p in run.fused_params]
+    theta_ref = [run.ref.state[p]["master_param"] if master else p for p in run.ref_params]
+    assert any(not torch.equal(a, b) for a, b in zip(theta, theta_ref))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "triton"])
+def test_parity_end_to_end_fails_on_a_wrong_kernel(backend, monkeypatch):
+    """The end-to-end bounds can fail: a fused kernel with a 1e-3 relative error in its learning rate exceeds both
+    the per-step and the accumulated bound, from the first step to the last."""
+    real = kernels.RULES["lamb"]
+
+    def off_by_a_bit(table, hp, **kw):
+        return real(table, dict(hp, lr=float(hp["lr"]) * (1 + 1e-3)), **kw)
+    off_by_a_bit.OPERANDS = real.OPERANDS
+    monkeypatch.setitem(kernels.RULES, "lamb", off_by_a_bit)
+    dtype, master, groups, options = END_TO_END[0]
+    _, checks = testing.lamb_parity(FusedLAMB, backend, dtype, groups, shapes=SHAPES, grad_scales=GRAD_SCALES,
+                                    device=DEVICE, steps=STEPS, lr=LR, master=master, resync=False, **options)
+    over = [what for what, error, bound in checks if error > bound]
+    assert any(w.startswith("step 0 ") for w in over) and any(w.startswith(f"step {STEPS - 1} ") for w in over)
+    assert any("(accumulated)" in w and w.startswith(f"step {STEPS - 1} ") for w in over)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_1000_tensors(backend):
     """One launch per pass for 1,000 tensors (3 launches with layer adaptation), per-tensor norms and steps."""
