@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
+from . import native, reference
 from .tables import TensorTable, storage_key
 
 NAMES = ("auto", "triton", "native", "reference")
@@ -59,9 +59,10 @@ def triton_unusable(device: torch.device) -> str | None:
 
 
 def native_unusable(device: torch.device) -> str | None:
-    """Why the native backend cannot run on ``device``, or None if it can."""
-    return ("the native extension (fused_optim._C) is not part of this version of fused_optim yet; "
-            "use backend='triton' on CUDA or backend='reference'")
+    """Why the native backend cannot run on ``device``, or None if it can: the extension is not built and cannot
+    be JIT-built (with the compiler's message), or it was built without CUDA kernels (fused_optim/native.py).
+    Cached per device type after the first call, which may JIT-build the extension."""
+    return native.unusable_reason(device)
 
 
 def unusable(name: str, device: torch.device) -> str | None:
@@ -87,7 +88,8 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str
     """The backend that runs a group of tensors on ``device`` with param dtype ``dtype``.
 
     ``where`` names the tensors for error messages ("param 3 of param group 0"). A named backend that cannot run
-    raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back to the reference.
+    raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back native -> triton (CUDA) -> reference,
+    with one warning per device type and reason.
     """
     if requested == "reference":
         return "reference"
@@ -100,18 +102,32 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str
             raise BackendUnavailable(f"backend={requested!r} cannot run {where} (on {device}): {reason}")
         return requested
     # auto
-    if dtype in KERNEL_DTYPES:
-        for name in ("native", "triton"):
-            if unusable(name, device) is None and (name != "triton" or device.type == "cuda"):
-                return name
+    if dtype not in KERNEL_DTYPES:
+        if device.type == "cuda":
+            _warn_once(f"fused_optim: backend='auto' falls back to the reference path for {dtype} params on "
+                       f"{device}: {dtype} params are not supported by the fused kernels")
+        return "reference"
+    native_why = unusable("native", device)
+    if native_why is None:
+        return "native"
     if device.type == "cuda":
-        why = (f"{dtype} params are not supported by the fused kernels" if dtype not in KERNEL_DTYPES
-               else triton_unusable(device))
-        if (device.type, dtype, why) not in _warned:
-            _warned.add((device.type, dtype, why))
-            warnings.warn(f"fused_optim: backend='auto' falls back to the reference path for {dtype} params on "
-                          f"{device}: {why}", stacklevel=4)
+        triton_why = triton_unusable(device)
+        if triton_why is None:
+            _warn_once(f"fused_optim: backend='auto' uses triton on {device.type}: the native backend cannot run "
+                       f"({native_why})")
+            return "triton"
+        _warn_once(f"fused_optim: backend='auto' falls back to the reference path on {device.type}: the native "
+                   f"backend cannot run ({native_why}), nor triton ({triton_why})")
+    elif device.type == "cpu":
+        _warn_once(f"fused_optim: backend='auto' uses the reference path on cpu: the native backend cannot run "
+                   f"({native_why})")
     return "reference"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=5)
 
 
 def report() -> list[dict]:
@@ -170,8 +186,10 @@ def run(bucket: Bucket, rule: str, hp: dict, *, tables: dict, grad_scale=None, f
         _run_reference(bucket, rule, hp, grad_scale, found_inf)
     elif bucket.backend == "triton":
         _run_triton(bucket, rule, hp, tables, grad_scale, found_inf)
+    elif bucket.backend == "native":
+        _run_native(bucket, rule, hp, tables, grad_scale, found_inf)
     else:
-        raise BackendUnavailable(native_unusable(bucket.device))
+        raise ValueError(f"unknown backend {bucket.backend!r}")
 
 
 def _run_reference(bucket, rule, hp, grad_scale, found_inf):
@@ -189,11 +207,22 @@ def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
 
     launcher = kernels.RULES[rule]
     operands = bucket.operands(launcher.OPERANDS)
+    launcher(_table(bucket, operands, tables), hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
+             master=bucket.states[0].get("master_param") is not None,
+             grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _run_native(bucket, rule, hp, tables, grad_scale, found_inf):
+    launcher = native.RULES[rule]
+    operands = bucket.operands(launcher.OPERANDS)
+    launcher(_table(bucket, operands, tables), operands, hp, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _table(bucket, operands, tables) -> TensorTable:
+    """The bucket's cached device table, rebuilt when a tensor's storage changed (shared by triton and native)."""
     table = tables.get(bucket.key)
     all_tensors = [t for lst in operands.values() for t in lst]
     if table is None or table.key != storage_key(all_tensors):
         table = TensorTable.build(operands, bucket.device)
         tables[bucket.key] = table
-    launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
-             master=bucket.states[0].get("master_param") is not None,
-             grad_scale=grad_scale, found_inf=found_inf)
+    return table
