@@ -147,11 +147,11 @@ struct AdamRule {
     if constexpr (AMSGRAD) load<N, VEC>(x.max_exp_avg_sq, i, vmax);
 
     if constexpr (UNSCALE) {
-#pragma unroll
+      FO_UNROLL
       for (int k = 0; k < N; ++k) g[k] = div_rn(g[k], x.grad_scale);
       store<N, VEC>(x.grad, i, g);
     }
-#pragma unroll
+    FO_UNROLL
     for (int k = 0; k < N; ++k) {
       float gk = MAXIMIZE ? -g[k] : g[k];
       if (c.weight_decay != 0.0f) {

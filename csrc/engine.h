@@ -101,7 +101,7 @@ FO_HD FO_INLINE void load(const T* p, int64_t i, float (&out)[N]) {
   if constexpr (VEC) {
     load_vector(p, i, out);
   } else {
-#pragma unroll
+    FO_UNROLL
     for (int k = 0; k < N; ++k) out[k] = to_float(p[i + k]);
   }
 #else
@@ -116,7 +116,7 @@ FO_HD FO_INLINE void store(T* p, int64_t i, const float (&in)[N]) {
   if constexpr (VEC) {
     store_vector(p, i, in);
   } else {
-#pragma unroll
+    FO_UNROLL
     for (int k = 0; k < N; ++k) p[i + k] = from_float<T>(in[k]);
   }
 #else

@@ -18,10 +18,12 @@
 #include <cuda_fp16.h>
 #define FO_HD __host__ __device__
 #define FO_INLINE __forceinline__
+#define FO_UNROLL _Pragma("unroll")
 #else
 #include <cmath>
 #define FO_HD
 #define FO_INLINE inline __attribute__((always_inline))
+#define FO_UNROLL
 #endif
 
 namespace fused_optim {

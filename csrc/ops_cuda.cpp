@@ -1,6 +1,6 @@
 // CUDA implementation of the fused_optim:: operators (schemas: ops.cpp). Compiled only when torch has CUDA and nvcc
 // is present (setup.py, fused_optim/_build.py); the kernels themselves are in the ATen-free adam_cuda.cu.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -23,7 +23,7 @@ void adam_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList ex
                                         beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
                                         grad_scale, found_inf, /*host_tables=*/false);
   const c10::cuda::CUDAGuard guard(params[0].device());
-  const char* error = adam_cuda(l, at::cuda::getCurrentCUDAStream().stream());
+  const char* error = adam_cuda(l, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(error == nullptr, "fused_optim::adam_ CUDA launch failed: ", error);
 }
 

@@ -20,12 +20,17 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Sources relative to the csrc directory.
-CPU_SOURCES = ["ops.cpp", "cpu/adam_cpu.cpp"]
+CPU_SOURCES = ["ops.cpp", "cpu/adam_cpu.cpp", "cpu/adam_cpu_f32.cpp", "cpu/adam_cpu_f16.cpp", "cpu/adam_cpu_bf16.cpp"]
 CUDA_SOURCES = ["ops_cuda.cpp", "adam_cuda.cu", "adam_cuda_f32.cu", "adam_cuda_f16.cu", "adam_cuda_bf16.cu"]
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-prec-div=true", "-prec-sqrt=true", "-Xcompiler=-ffp-contract=off"]
-# Architectures of ahead-of-time CUDA builds when TORCH_CUDA_ARCH_LIST is not set (A100, H100).
+# torch.utils.cpp_extension adds -std (c++20 for torch 2.13) and its own defines to these.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]
+NVCC_FLAGS = ["-O3", "-fmad=false", "-prec-div=true", "-prec-sqrt=true", "-Xcompiler=-ffp-contract=off"]
+# What csrc/check_cuda_compile.sh adds to NVCC_FLAGS to compile the .cu files as the extension build does, without
+# torch: the C++ standard torch 2.13 builds with, and torch's COMMON_NVCC_FLAGS (cpp_extension.py), which remove
+# the implicit conversions and operators of CUDA's half and bfloat16 types (the kernels use explicit intrinsics).
+NVCC_CHECK_FLAGS = ["-std=c++20", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 CUDA_DEFINES = ["-DFUSED_OPTIM_WITH_CUDA"]
 
