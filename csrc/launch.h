@@ -16,8 +16,8 @@ struct AdamLaunch {
   bool amsgrad, maximize, decoupled, master, unscale;
 };
 
-// CPU engine (cpu/adam_cpu.cpp). Returns the name of the ISA its loops ran with.
-const char* adam_cpu(const AdamLaunch& launch);
+// CPU engine (cpu/adam_cpu.cpp), on the calling thread and ATen's intra-op threads.
+void adam_cpu(const AdamLaunch& launch);
 
 // CUDA engine (adam_cuda.cu), enqueued on `stream` (a cudaStream_t). Returns nullptr, or an error message
 // (an invalid combination, or the launch error CUDA reported).

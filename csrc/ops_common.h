@@ -30,8 +30,8 @@ inline DType dtype_of(const at::Tensor& t, const char* what, int64_t i) {
   }
 }
 
-// Checks one tensor list of the launch: length, device, dtype, contiguity, and (when `numels` is given) that every
-// tensor has the numel of its param.
+// Checks one tensor list of the launch: length, device, dtype, contiguity, and that every tensor has the numel of
+// its param (`scalar`: one element, for the step tensors).
 inline void check_list(const at::TensorList list, const char* what, int64_t n, const at::Device& device,
                        std::optional<at::ScalarType> dtype, const at::TensorList params, bool scalar) {
   TORCH_CHECK(static_cast<int64_t>(list.size()) == n, "fused_optim::adam_: ", what, " has ", list.size(),

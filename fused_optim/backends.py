@@ -3,10 +3,11 @@
 * ``reference``: pure PyTorch per tensor (``fused_optim/reference``). Always usable; the oracle of every test.
 * ``triton``: the Triton multi-tensor engine (``kernels/``, imported as ``fused_optim.kernels``). CUDA tensors;
   CPU tensors only under ``TRITON_INTERPRET=1`` (how CI runs the kernels).
-* ``native``: the compiled extension ``fused_optim._C`` (CUDA kernels and a CPU engine).
+* ``native``: the compiled extension ``fused_optim._C`` (CUDA kernels and a CPU engine; built by setup.py or
+  JIT-built on first use, see ``fused_optim/native.py``).
 
-``auto`` picks, per group of tensors sharing (device, dtype): native when it is usable for them, else triton,
-else reference, and warns once when a CUDA group falls back to the reference.
+``auto`` picks, per group of tensors sharing (device, dtype): native when it is usable for them, else triton
+(CUDA), else reference, and warns once per reason when it has to fall back.
 """
 from __future__ import annotations
 

@@ -4,10 +4,9 @@
 
 namespace fused_optim {
 
-const char* adam_cpu(const AdamLaunch& l) {
+void adam_cpu(const AdamLaunch& l) {
   const cpu::Isa isa = cpu::active_isa();
   dispatch_dtype(l.param_dtype, [&](auto p_tag) { adam_cpu_for<typename decltype(p_tag)::type>(l, isa); });
-  return cpu::isa_name(isa);
 }
 
 }  // namespace fused_optim
