@@ -54,12 +54,14 @@ def native_extension():
             "fused_optim._C", src(BUILD["CPU_SOURCES"] + BUILD["CUDA_SOURCES"]),
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": cxx + BUILD["CUDA_DEFINES"], "nvcc": BUILD["NVCC_FLAGS"] + BUILD["CUDA_DEFINES"]},
+            extra_link_args=BUILD["LD_FLAGS"],
         )
     else:
         why = "torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
         print(f"fused_optim: building fused_optim._C for CPU only ({why})", flush=True)
         ext = cpp_extension.CppExtension("fused_optim._C", src(BUILD["CPU_SOURCES"]),
-                                         include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args={"cxx": cxx})
+                                         include_dirs=[os.path.join(HERE, "csrc")], extra_compile_args={"cxx": cxx},
+                                         extra_link_args=BUILD["LD_FLAGS"])
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         """Builds fused_optim._C; a failure is a warning, and the package installs without it."""

@@ -20,7 +20,8 @@
 //
 //   fused_optim::build_info() -> str
 //
-// What this build contains (CPU ISA used now, whether CUDA kernels were compiled): `python -m fused_optim info`.
+// What this build contains (CPU ISA used now, OpenMP or not, whether CUDA kernels were compiled): shown by
+// `python -m fused_optim info` through fused_optim.native.info().
 //
 // The Python side is fused_optim/native.py (loader and launcher) and fused_optim/backends.py (dispatch).
 #include <Python.h>
@@ -53,6 +54,11 @@ void adam_cpu_op(at::TensorList params, at::TensorList grads, at::TensorList exp
 std::string build_info() {
   std::string info = "cpu: ";
   info += cpu::isa_name(cpu::active_isa());
+#if defined(_OPENMP)
+  info += ", openmp threads";  // ATen's parallel_for is OpenMP only in code compiled with -fopenmp
+#else
+  info += ", one thread";
+#endif
 #if defined(FUSED_OPTIM_WITH_CUDA)
   info += "; cuda: compiled";
 #else

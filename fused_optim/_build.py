@@ -7,8 +7,10 @@ Flags that change results are chosen here, once:
 * host: -ffp-contract=off so that the compiler never fuses a multiply and an add into an FMA (the rules place
   their FMAs explicitly, where torch has them); no -ffast-math; -O3 for the baseline ISA only (no -march=native:
   the build is distributed; the CPU engine dispatches to an AVX2+FMA build of its loops at run time);
-  -fopenmp-simd honours the `#pragma omp simd` of the CPU loops without linking an OpenMP runtime (threads come
-  from ATen's parallel_for); -fno-math-errno lets sqrt be an instruction (results unchanged).
+  -fopenmp: ATen's parallel_for is an inline `#pragma omp parallel` (ATen/ParallelOpenMP.h), which a build without
+  it runs on one thread; it also honours the `#pragma omp simd` of the CPU loops. The OpenMP runtime is the
+  libgomp.so.1 that torch has already loaded (same soname), so torch.set_num_threads applies.
+  -fno-math-errno lets sqrt be an instruction (results unchanged).
 * nvcc: the rules use CUDA's rounding intrinsics (__fadd_rn, __fdiv_rn, __fsqrt_rn, ...), which no flag can
   contract or approximate; -fmad=false, -prec-div=true and -prec-sqrt=true make the same hold for any other
   float code, and --use_fast_math is never passed.
@@ -24,7 +26,8 @@ CPU_SOURCES = ["ops.cpp", "cpu/adam_cpu.cpp", "cpu/adam_cpu_f32.cpp", "cpu/adam_
 CUDA_SOURCES = ["ops_cuda.cpp", "adam_cuda.cu", "adam_cuda_f32.cu", "adam_cuda_f16.cu", "adam_cuda_bf16.cu"]
 
 # torch.utils.cpp_extension adds -std (c++20 for torch 2.13) and its own defines to these.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-fmad=false", "-prec-div=true", "-prec-sqrt=true", "-Xcompiler=-ffp-contract=off"]
 # What csrc/check_cuda_compile.sh adds to NVCC_FLAGS to compile the .cu files as the extension build does, without
 # torch: the C++ standard torch 2.13 builds with, and torch's COMMON_NVCC_FLAGS (cpp_extension.py), which remove

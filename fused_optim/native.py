@@ -79,7 +79,8 @@ def _jit_build():
     try:
         return cpp_extension.load(
             name=JIT_NAME, sources=sources, extra_cflags=cflags, extra_cuda_cflags=cuda_flags,
-            extra_include_paths=[csrc], build_directory=build_dir, with_cuda=with_cuda, verbose=False,
+            extra_ldflags=list(_build.LD_FLAGS), extra_include_paths=[csrc], build_directory=build_dir,
+            with_cuda=with_cuda, verbose=False,
         ), build_dir
     except Exception as exc:  # compile or link errors (RuntimeError with the compiler output), import errors
         raise NativeUnavailable(f"the JIT build in {build_dir} failed: {type(exc).__name__}: "

@@ -30,6 +30,9 @@ def test_prebuilt_extension_imports_and_registers_its_ops():
     import fused_optim._C  # noqa: F401  (fails when the install skipped the build: run the command above)
     assert native.info().endswith(f"(prebuilt: {fused_optim._C.__file__})"), native.info()
     assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_optim::adam_", "CPU")
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        # ATen's parallel_for is an inline `#pragma omp parallel`: without -fopenmp the CPU engine runs one thread.
+        assert "openmp threads" in torch.ops.fused_optim.build_info(), torch.ops.fused_optim.build_info()
     cuda_built = "cuda: compiled" in torch.ops.fused_optim.build_info()
     assert native.has_cuda_kernels() == cuda_built
     if torch.version.cuda is None:

@@ -4,7 +4,8 @@
 //   1. skip everything when the rule says so (GradScaler found inf/NaN): params, state and steps unchanged;
 //   2. each tensor's context once (Rule::tensor: typed pointers, step + 1, fp32 coefficients);
 //   3. the blocks, split across threads by the caller's parallel_for (ATen's, i.e. OpenMP in torch's builds, so
-//      torch.set_num_threads applies); inside a block one `#pragma omp simd` loop over elements, which the compiler
+//      torch.set_num_threads applies; the build needs -fopenmp, see fused_optim/_build.py); inside a block one
+//      `#pragma omp simd` loop over elements, which the compiler
 //      vectorizes (the rules are branch-free per element: flags are template arguments, the lerp branch is
 //      uniform and becomes a blend);
 //   4. each tensor's new step (Rule::finish), after every block has used the old one. On the CPU the phases are
