@@ -3,10 +3,11 @@
 * ``reference``: pure PyTorch per tensor (``fused_optim/reference``). Always usable; the oracle of every test.
 * ``triton``: the Triton multi-tensor engine (``kernels/``, imported as ``fused_optim.kernels``). CUDA tensors;
   CPU tensors only under ``TRITON_INTERPRET=1`` (how CI runs the kernels).
-* ``native``: the compiled extension ``fused_optim._C`` (CUDA kernels and a CPU engine).
+* ``native``: the compiled extension ``fused_optim._C`` (CUDA kernels and a CPU engine; built by setup.py or
+  JIT-built on first use, see ``fused_optim/native.py``).
 
-``auto`` picks, per group of tensors sharing (device, dtype): native when it is usable for them, else triton,
-else reference, and warns once when a CUDA group falls back to the reference.
+``auto`` picks, per group of tensors sharing (device, dtype): native when it is usable for them, else triton
+(CUDA), else reference, and warns once per reason when it has to fall back.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
+from . import native, reference
 from .tables import TensorTable, storage_key
 
 NAMES = ("auto", "triton", "native", "reference")
@@ -59,9 +60,10 @@ def triton_unusable(device: torch.device) -> str | None:
 
 
 def native_unusable(device: torch.device) -> str | None:
-    """Why the native backend cannot run on ``device``, or None if it can."""
-    return ("the native extension (fused_optim._C) is not part of this version of fused_optim yet; "
-            "use backend='triton' on CUDA or backend='reference'")
+    """Why the native backend cannot run on ``device``, or None if it can: the extension is not built and cannot
+    be JIT-built (with the compiler's message), or it was built without CUDA kernels (fused_optim/native.py).
+    Cached per device type after the first call, which may JIT-build the extension."""
+    return native.unusable_reason(device)
 
 
 def unusable(name: str, device: torch.device) -> str | None:
@@ -93,47 +95,72 @@ class Where(tuple):
         return f"param {self[1]} of param group {self[0]}"
 
 
-_resolved: dict = {}  # (requested, device, dtype, TRITON_INTERPRET) -> backend name or the reason it cannot run
+_resolved: dict = {}  # (requested, device, dtype, rule, TRITON_INTERPRET) -> backend name or why it cannot run
 
 
-def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str) -> str:
+def _unusable_for(name: str, device: torch.device, rule: str) -> str | None:
+    """``unusable`` for one update rule: the native extension implements Adam's rule only, so far."""
+    why = unusable(name, device)
+    if why is None and name == "native" and rule not in native.RULES:
+        why = (f"the native extension has no {rule!r} rule yet (it has {sorted(native.RULES)}); "
+               "use backend='triton' on CUDA or backend='reference'")
+    return why
+
+
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str, rule: str = "adam") -> str:
     """The backend that runs a group of tensors on ``device`` with param dtype ``dtype``.
 
     ``where`` names the tensors for error messages ("param 3 of param group 0"). A named backend that cannot run
-    raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back to the reference. Called for every
-    param at every step, so the answer is memoized (availability only changes with the environment).
+    raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back native -> triton (CUDA) -> reference,
+    with one warning per device type and reason. ``rule``: the optimizer's update rule; a backend without that
+    rule (the native extension has Adam's only, so far) cannot run it. Called for every param at every step, so
+    the answer is memoized (availability only changes with the environment).
     """
-    key = (requested, device, dtype, os.environ.get("TRITON_INTERPRET"))
+    key = (requested, device, dtype, rule, os.environ.get("TRITON_INTERPRET"))
     found = _resolved.get(key)
     if found is None:
-        found = _resolved[key] = _resolve(requested, device, dtype)
+        found = _resolved[key] = _resolve(requested, device, dtype, rule)
     if isinstance(found, BackendUnavailable):
         raise BackendUnavailable(f"backend={requested!r} cannot run {where} (on {device}): {found}")
     return found
 
 
-def _resolve(requested: str, device: torch.device, dtype: torch.dtype):
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype, rule: str):
     if requested == "reference":
         return "reference"
     if requested in ("triton", "native"):
-        reason = unusable(requested, device)
+        reason = _unusable_for(requested, device, rule)
         if reason is None and dtype not in KERNEL_DTYPES:
             reason = (f"its kernels support float32, float16 and bfloat16 params, not {dtype}; "
                       f"use backend='reference' for {dtype}")
         return BackendUnavailable(reason) if reason else requested
     # auto
-    if dtype in KERNEL_DTYPES:
-        for name in ("native", "triton"):
-            if unusable(name, device) is None and (name != "triton" or device.type == "cuda"):
-                return name
+    if dtype not in KERNEL_DTYPES:
+        if device.type == "cuda":
+            _warn_once(f"fused_optim: backend='auto' falls back to the reference path for {dtype} params on "
+                       f"{device}: {dtype} params are not supported by the fused kernels")
+        return "reference"
+    native_why = _unusable_for("native", device, rule)
+    if native_why is None:
+        return "native"
     if device.type == "cuda":
-        why = (f"{dtype} params are not supported by the fused kernels" if dtype not in KERNEL_DTYPES
-               else triton_unusable(device))
-        if (device.type, dtype, why) not in _warned:
-            _warned.add((device.type, dtype, why))
-            warnings.warn(f"fused_optim: backend='auto' falls back to the reference path for {dtype} params on "
-                          f"{device}: {why}", stacklevel=5)
+        triton_why = triton_unusable(device)
+        if triton_why is None:
+            _warn_once(f"fused_optim: backend='auto' uses triton on {device.type}: the native backend cannot run "
+                       f"({native_why})")
+            return "triton"
+        _warn_once(f"fused_optim: backend='auto' falls back to the reference path on {device.type}: the native "
+                   f"backend cannot run ({native_why}), nor triton ({triton_why})")
+    elif device.type == "cpu":
+        _warn_once(f"fused_optim: backend='auto' uses the reference path on cpu: the native backend cannot run "
+                   f"({native_why})")
     return "reference"
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=5)
 
 
 def report() -> list[dict]:
@@ -193,8 +220,10 @@ def run(bucket: Bucket, rule: str, hp: dict, *, tables: dict, grad_scale=None, f
         _run_reference(bucket, rule, hp, grad_scale, found_inf)
     elif bucket.backend == "triton":
         _run_triton(bucket, rule, hp, tables, grad_scale, found_inf)
+    elif bucket.backend == "native":
+        _run_native(bucket, rule, hp, tables, grad_scale, found_inf)
     else:
-        raise BackendUnavailable(native_unusable(bucket.device))
+        raise ValueError(f"unknown backend {bucket.backend!r}")
 
 
 def _run_reference(bucket, rule, hp, grad_scale, found_inf):
@@ -207,8 +236,9 @@ def _run_reference(bucket, rule, hp, grad_scale, found_inf):
         fn(p, g, **operands, **hp, master_param=st.get("master_param"), grad_scale=grad_scale)
 
 
-def _triton_table(bucket, launcher, tables) -> TensorTable:
-    """The cached device table of ``bucket`` for ``launcher``'s operands, rebuilt when a tensor's storage changed."""
+def _table(bucket, launcher, tables) -> TensorTable:
+    """The cached device table of ``bucket`` for ``launcher``'s operands (triton or native), rebuilt when a
+    tensor's storage changed."""
     operands = bucket.operands(launcher.OPERANDS)
     table = tables.get(bucket.key)
     if table is None or table.key != storage_key(operands):
@@ -222,7 +252,7 @@ def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
     from . import kernels  # imported on first use: TRITON_INTERPRET must be set before the kernels are defined
 
     launcher = kernels.RULES[rule]
-    table = _triton_table(bucket, launcher, tables)
+    table = _table(bucket, launcher, tables)
     launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
              master=bucket.states[0].get("master_param") is not None,
              grad_scale=grad_scale, found_inf=found_inf)
@@ -241,7 +271,13 @@ def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, fo
     if bucket.backend == "triton":
         from . import kernels
 
-        table = _triton_table(bucket, kernels.RULES[rule], tables)
+        table = _table(bucket, kernels.RULES[rule], tables)
         return kernels.grad_sq_norm(table, grad_dtype=bucket.grad_dtype, grad_scale=grad_scale,
                                     found_inf=found_inf)
     raise BackendUnavailable(native_unusable(bucket.device))
+
+
+def _run_native(bucket, rule, hp, tables, grad_scale, found_inf):
+    launcher = native.RULES[rule]
+    operands = bucket.operands(launcher.OPERANDS)
+    launcher(_table(bucket, launcher, tables), operands, hp, grad_scale=grad_scale, found_inf=found_inf)

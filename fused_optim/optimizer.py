@@ -84,7 +84,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"{name}: {self._where(gi, i)} is complex ({p.dtype}); {name} supports real params "
                                "only: register torch.view_as_real(param) as the parameter instead")
         lp = _local(p)
-        return backends.resolve(group["backend"], lp.device, lp.dtype, backends.Where(gi, i))
+        return backends.resolve(group["backend"], lp.device, lp.dtype, backends.Where(gi, i), rule=self.rule)
 
     def __setstate__(self, state):
         super().__setstate__(state)

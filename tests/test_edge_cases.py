@@ -205,3 +205,18 @@ def test_auto_picks_a_backend_per_device_and_dtype():
     assert cpu == ("native" if backends.unusable("native", torch.device("cpu")) is None else "reference")
     if torch.cuda.is_available():
         assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, "x") in ("native", "triton")
+
+
+def test_backend_resolution_knows_which_rules_a_backend_has():
+    """The native extension implements Adam's rule only: naming it for LAMB/Adafactor is a clear error, and auto
+    never picks it for them."""
+    from fused_optim import backends, native
+    cpu = torch.device("cpu")
+    for rule in ("lamb", "adafactor"):
+        assert rule not in native.RULES
+        assert backends.resolve("auto", cpu, torch.float32, "x", rule=rule) != "native"
+        with pytest.raises(fused_optim.BackendUnavailable, match=f"no '{rule}' rule|native"):
+            backends.resolve("native", cpu, torch.float32, "x", rule=rule)
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(fused_optim.BackendUnavailable, match="param 0 of param group 0"):
+        fused_optim.FusedLAMB([p], backend="native")

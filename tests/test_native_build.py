@@ -1,0 +1,99 @@
+"""The native extension's build: the ahead-of-time build imports and registers its operators, the JIT fallback
+builds and runs, and every CUDA source compiles with nvcc for sm_80 and sm_90 (compile only: no GPU needed).
+
+    python -m pytest tests/test_native_build.py -q             # the JIT build test is marked slow (~90 s on
+    python -m pytest tests/test_native_build.py -q -m "not slow"   # 2 cores the first time, cached afterwards)
+
+The nvcc check is csrc/check_cuda_compile.sh (about 2 minutes on 2 cores for both architectures).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_optim import _build, native
+from test_native import run_without_prebuilt
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECK = ROOT / "csrc" / "check_cuda_compile.sh"
+HAVE_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+NVCC = shutil.which(os.environ.get("NVCC", "nvcc"))
+
+
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler: the extension cannot have been built here")
+def test_prebuilt_extension_imports_and_registers_its_ops():
+    """`pip install --no-build-isolation -e .` built fused_optim._C (CPU-only with a CPU build of torch)."""
+    import fused_optim._C  # noqa: F401  (fails when the install skipped the build: run the command above)
+    assert native.info().endswith(f"(prebuilt: {fused_optim._C.__file__})"), native.info()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_optim::adam_", "CPU")
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        # ATen's parallel_for is an inline `#pragma omp parallel`: without -fopenmp the CPU engine runs one thread.
+        assert "openmp threads" in torch.ops.fused_optim.build_info(), torch.ops.fused_optim.build_info()
+    cuda_built = "cuda: compiled" in torch.ops.fused_optim.build_info()
+    assert native.has_cuda_kernels() == cuda_built
+    if torch.version.cuda is None:
+        assert not cuda_built, "a CPU build of torch cannot have compiled the CUDA kernels"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler for the JIT build")
+def test_jit_build_when_the_extension_is_missing(tmp_path):
+    """Without fused_optim._C, the first use of backend='native' builds csrc/ with ninja (cached in
+    ~/.cache/fused_optim) and steps exactly like the prebuilt extension."""
+    proc = run_without_prebuilt("""
+import torch, fused_optim
+from fused_optim import native
+p = torch.nn.Parameter(torch.linspace(-1, 1, 5000))
+opt = fused_optim.FusedAdamW([p], lr=1e-2, backend="native")
+for k in range(3):
+    p.grad = torch.cos(torch.arange(5000.0) * (k + 1))
+    opt.step()
+print(native.info())
+torch.save(p.detach(), %r)
+""" % str(tmp_path / "jit_param.pt"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(jit: " in proc.stdout, proc.stdout
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 5000))
+    import fused_optim
+    opt = fused_optim.FusedAdamW([p], lr=1e-2, backend="native")
+    for k in range(3):
+        p.grad = torch.cos(torch.arange(5000.0) * (k + 1))
+        opt.step()
+    assert torch.equal(torch.load(tmp_path / "jit_param.pt"), p.detach()), "JIT and prebuilt builds differ"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compile-checked here")
+def test_every_cuda_source_compiles_for_sm80_and_sm90():
+    proc = subprocess.run(["bash", str(CHECK)], capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "NVCC_ARCHS": "80 90", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for src in [s for s in _build.CUDA_SOURCES if s.endswith(".cu")]:
+        for arch in ("80", "90"):
+            assert f"ok    {src}  sm_{arch}" in proc.stdout, proc.stdout
+    assert "ok    ops_cuda.cpp" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_cuda_compile_check_catches_errors(tmp_path):
+    """The check fails on a .cu file nvcc rejects (a host-only function called from a kernel) and on a binding
+    that does not compile against torch's headers."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    (tmp_path / "fused_optim").mkdir()
+    shutil.copy(ROOT / "fused_optim" / "_build.py", tmp_path / "fused_optim" / "_build.py")
+    for cu in csrc.rglob("*.cu"):
+        cu.unlink()
+    (csrc / "broken.cu").write_text('#include "numerics.h"\n'
+                                    "float host_only(float x) { return x; }\n"
+                                    "__global__ void k(float* p) { p[0] = host_only(fused_optim::add_rn(p[0], 1.f)); }\n")
+    (csrc / "ops_cuda.cpp").write_text((ROOT / "csrc" / "ops_cuda.cpp").read_text().replace(
+        "c10::cuda::getCurrentCUDAStream().stream()", "c10::cuda::getCurrentCUDAStream().no_such_member()"))
+    proc = subprocess.run(["bash", str(csrc / "check_cuda_compile.sh")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NVCC_ARCHS": "80", "PYTHON": sys.executable})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL  broken.cu  sm_80" in proc.stdout, proc.stdout
+    assert "FAIL  ops_cuda.cpp" in proc.stdout, proc.stdout
