@@ -4,7 +4,8 @@
 * ``check``: every usable fused backend of every optimizer against the reference path, on the parameters of a
   randomly built multi-layer model, for fp32, bf16 and fp16 params (and bf16/fp16 with fp32 master weights);
   prints the worst error of each run next to its derived bound (fused_optim/testing.py) and exits 1 if any run
-  exceeds it. Without a GPU, Triton runs in its interpreter on CPU tensors at small sizes.
+  exceeds it. Without a GPU, Triton runs in its interpreter on CPU tensors at small sizes. LAMB runs end to end
+  (fused and reference never re-aligned; ``--resync`` re-aligns them before every step).
 * ``bench``: times the usable backends against torch.optim (fused_optim/bench).
 """
 from __future__ import annotations
@@ -63,11 +64,13 @@ def cmd_info(args) -> int:
 @dataclass
 class CheckSpec:
     """One optimizer configuration checked by ``check``: ``run(backend, dtype, master, **common)`` steps it next to
-    the reference and returns the list of (what, error, bound) of fused_optim/testing.py."""
+    the reference and returns the list of (what, error, bound) of fused_optim/testing.py. ``options``: the
+    command-line options that ``run`` also takes, by keyword (e.g. ``resync``)."""
 
     name: str
     run: object
     dtypes: tuple = field(default=(torch.float32, torch.bfloat16, torch.float16))
+    options: tuple = ()
 
 
 def check_specs() -> list:
@@ -87,17 +90,20 @@ def check_specs() -> list:
         return run
 
     def lamb(groups, max_grad_norm):
-        def run(backend, dtype, master, **common):
+        def run(backend, dtype, master, resync=False, **common):
             return testing.lamb_parity(FusedLAMB, backend, dtype, groups, master=master, max_grad_norm=max_grad_norm,
-                                       **common)[1]
+                                       resync=resync, **common)[1]
         return run
     return [
         CheckSpec("adam", adam(FusedAdam, dict(weight_decay=0.01, amsgrad=True), 0.01)),
         CheckSpec("adamw", adam(FusedAdamW, dict(weight_decay=0.1), 0.0)),
         CheckSpec("adafactor", adafactor(dict(beta1=0.9, weight_decay=0.01))),
         # Two groups, alternating over the model's tensors: adapted with decay, and apex's no-decay group without
-        # adaptation; the global grad-norm clip is active at every step (grads up to 100 per element).
-        CheckSpec("lamb", lamb((dict(weight_decay=0.01), dict(weight_decay=0.0, layer_adaptation=False)), 1.0)),
+        # adaptation; the global grad-norm clip is active at every step (grads up to 100 per element). End to end
+        # by default: each step is checked from the gaps that entered it (as tight as the one-step bound) and
+        # against the accumulated bound (testing.py, LAMB, "End to end"); --resync for the one-step mode.
+        CheckSpec("lamb", lamb((dict(weight_decay=0.01), dict(weight_decay=0.0, layer_adaptation=False)), 1.0),
+                  options=("resync",)),
     ]
 
 
@@ -148,8 +154,9 @@ def cmd_check(args) -> int:
                         continue
                     t0 = time.perf_counter()
                     try:
+                        options = {name: getattr(args, name) for name in spec.options}
                         checks = spec.run(backend, dtype, master, shapes=shapes, grad_scales=scales,
-                                          device=device, steps=args.steps, seed=args.seed)
+                                          device=device, steps=args.steps, seed=args.seed, **options)
                         worst = max(checks, key=lambda c: c[1] / c[2] if c[2] else float("inf"))
                         ok = all(err <= bound for _, err, bound in checks)
                         note = f"{worst[0]}: {_fmt(worst[1])} (bound {_fmt(worst[2])})"
@@ -188,9 +195,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optimizer", nargs="+", help="only these optimizers (adam, adamw, adafactor, ...)")
+    p.add_argument("--optimizer", nargs="+", help="only these optimizers (adam, adamw, adafactor, lamb)")
     p.add_argument("--backend", nargs="+", help="only these fused backends (triton, native)")
     p.add_argument("--dtype", nargs="+", help="only these param dtypes (float32, bfloat16, float16)")
+    p.add_argument("--resync", action="store_true",
+                   help="lamb: copy the fused state into the reference before every step and check each step alone "
+                        "(default: end to end, never re-aligned)")
     sub.add_parser("bench", help="time the backends against torch.optim (see `bench --help`)")
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -363,8 +363,9 @@ def lamb_moment_bounds(hp, g, max_m: float, max_v: float, *, b_m=0.0, b_v=0.0, d
 def lamb_theta_bound(e: dict, hp, theta, *, n_blocks: int, d_theta=0.0, d_m=0.0, d_v=0.0) -> np.ndarray:
     """Elementwise bound on |fused theta' - reference theta'| after one step (float64; see above). ``e``:
     ``lamb_step_f64`` of the reference's state before the step, whose theta is ``theta``; ``n_blocks``: the
-    tensor's blocks; ``d_theta``: the bound on the theta gap entering the step (0 when both start from the same
-    state); ``d_m``, ``d_v``: the moments' gaps after the step (measured; 0 when they agree bitwise)."""
+    tensor's blocks; ``d_theta``: a bound on the theta gap entering the step (the measured gap, or the bound
+    carried from the step before; 0 when both start from the same state); ``d_m``, ``d_v``: the moments' gaps
+    after the step (measured; 0 when they agree bitwise)."""
     gamma, lam, eps, r = float(hp["lr"]), hp["weight_decay"], hp["eps"], e["r"]
     a, u, s = e["a"], e["u"], e["s"]
     spread = np.abs(a) + lam * np.abs(theta)

@@ -24,6 +24,11 @@ def test_check_passes_on_this_machine(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "adamw" in out and "float32" in out and "bfloat16+master" in out and " 0 failed" in out
+    # LAMB, end to end (its default), one run of two steps (~2 s): the second starts from the gaps of the first.
+    code = cli.main(["check", "--optimizer", "lamb", "--dtype", "float32", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "lamb" in out and "float32" in out and "\n1 runs, 0 failed" in out
 
 
 def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
