@@ -98,7 +98,7 @@ class Where(tuple):
 _resolved: dict = {}  # (requested, device, dtype, rule, TRITON_INTERPRET) -> backend name or why it cannot run
 
 
-def _unusable_for(name: str, device: torch.device, rule: str) -> str | None:
+def unusable_for(name: str, device: torch.device, rule: str) -> str | None:
     """``unusable`` for one update rule: the native extension implements Adam's rule only, so far."""
     why = unusable(name, device)
     if why is None and name == "native" and rule not in native.RULES:
@@ -129,7 +129,7 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, rule: str
     if requested == "reference":
         return "reference"
     if requested in ("triton", "native"):
-        reason = _unusable_for(requested, device, rule)
+        reason = unusable_for(requested, device, rule)
         if reason is None and dtype not in KERNEL_DTYPES:
             reason = (f"its kernels support float32, float16 and bfloat16 params, not {dtype}; "
                       f"use backend='reference' for {dtype}")
@@ -140,7 +140,7 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, rule: str
             _warn_once(f"fused_optim: backend='auto' falls back to the reference path for {dtype} params on "
                        f"{device}: {dtype} params are not supported by the fused kernels")
         return "reference"
-    native_why = _unusable_for("native", device, rule)
+    native_why = unusable_for("native", device, rule)
     if native_why is None:
         return "native"
     if device.type == "cuda":

@@ -69,6 +69,7 @@ class CheckSpec:
 
     name: str
     run: object
+    rule: str = "adam"  # the update rule: a backend without it (native has Adam's only, so far) is skipped
     dtypes: tuple = field(default=(torch.float32, torch.bfloat16, torch.float16))
     options: tuple = ()
 
@@ -97,12 +98,12 @@ def check_specs() -> list:
     return [
         CheckSpec("adam", adam(FusedAdam, dict(weight_decay=0.01, amsgrad=True), 0.01)),
         CheckSpec("adamw", adam(FusedAdamW, dict(weight_decay=0.1), 0.0)),
-        CheckSpec("adafactor", adafactor(dict(beta1=0.9, weight_decay=0.01))),
+        CheckSpec("adafactor", rule="adafactor", run=adafactor(dict(beta1=0.9, weight_decay=0.01))),
         # Two groups, alternating over the model's tensors: adapted with decay, and apex's no-decay group without
         # adaptation; the global grad-norm clip is active at every step (grads up to 100 per element). End to end
         # by default: each step is checked from the gaps that entered it (as tight as the one-step bound) and
         # against the accumulated bound (testing.py, LAMB, "End to end"); --resync for the one-step mode.
-        CheckSpec("lamb", lamb((dict(weight_decay=0.01), dict(weight_decay=0.0, layer_adaptation=False)), 1.0),
+        CheckSpec("lamb", rule="lamb", run=lamb((dict(weight_decay=0.01), dict(weight_decay=0.0, layer_adaptation=False)), 1.0),
                   options=("resync",)),
     ]
 
@@ -148,6 +149,10 @@ def cmd_check(args) -> int:
     specs = [s for s in check_specs() if not args.optimizer or s.name in args.optimizer]
     for spec in specs:
         for backend in fused:
+            why = backends.unusable_for(backend, device, spec.rule)
+            if why:
+                print(f"  {spec.name:<10} {backend:<8} skipped: {why}")
+                continue
             for dtype in spec.dtypes:
                 for master in ((False, True) if dtype != torch.float32 else (False,)):
                     if args.dtype and str(dtype).replace("torch.", "") not in args.dtype:

@@ -46,9 +46,10 @@ OPTIMIZERS = {
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def fused_backends(device: torch.device = DEVICE) -> tuple:
-    """The fused backends usable on this machine's test device (the reference is the oracle, not a case)."""
-    return tuple(b for b in ("triton", "native") if backends.unusable(b, device) is None)
+def fused_backends(device: torch.device = DEVICE, rule: str = "adam") -> tuple:
+    """The fused backends usable on this machine's test device for update rule ``rule`` (the reference is the
+    oracle, not a case)."""
+    return tuple(b for b in ("triton", "native") if backends.unusable_for(b, device, rule) is None)
 
 
 def parity_cases():

@@ -21,7 +21,7 @@ from fused_optim import testing
 from test_parity import GRAD_SCALES, clone_params, make_params
 from tolerances import EPS32
 
-BACKENDS = fused_backends()
+BACKENDS = fused_backends(rule="adafactor")
 STEPS = 20
 
 # 0-d, one element, odd 1-D crossing a 4096-element flat tile, tall (crosses a 32-row tile), wide and crossing
@@ -407,7 +407,7 @@ def test_signature_matches_transformers():
 # GPU (benchmarks/gpu_verify.sh): the parity and determinism tests above also run on CUDA when present.
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", fused_backends(torch.device("cuda")) if torch.cuda.is_available() else ["triton"])
+@pytest.mark.parametrize("backend", fused_backends(torch.device("cuda"), rule="adafactor") if torch.cuda.is_available() else ["triton"])
 def test_gpu_parity_large_shapes(backend):
     """GPT-2-like shapes: tiles in the thousands, long row/column segments, a tensor of 2^20 elements."""
     run_pair([(768, 2304), (4, 256, 320), (3072,), (2 ** 20,)], torch.float32, VARIANTS["warmup-beta1-wd"],
@@ -415,7 +415,7 @@ def test_gpu_parity_large_shapes(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", fused_backends(torch.device("cuda")) if torch.cuda.is_available() else ["triton"])
+@pytest.mark.parametrize("backend", fused_backends(torch.device("cuda"), rule="adafactor") if torch.cuda.is_available() else ["triton"])
 def test_gpu_cuda_graph_replay_matches_eager(backend):
     """A whole step (seven launches, all scalars on the device) captured once and replayed: bitwise equal to
     eager steps."""

@@ -29,7 +29,7 @@ from conftest import DEVICE
 from test_parity import GRAD_SCALES, SHAPES, STEPS
 from tolerances import BIG_LR_STEPS, EPS32, global_clip_f64, lamb_step_f64, n_blocks, norm_f64, sum_sq_rel
 
-BACKENDS = fused_backends()
+BACKENDS = fused_backends(rule="lamb")
 LR = 1e-2
 
 
