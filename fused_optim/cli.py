@@ -45,6 +45,8 @@ def cmd_info(args) -> int:
     else:
         print("cuda: not available (torch.cuda.is_available() is False)")
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+    from . import native
+    print(f"native extension: {native.info()}")
     print()
     rows = backends.report()
     width = max(len(r["backend"]) for r in rows)
