@@ -157,6 +157,13 @@ def many_small_shapes(quick: bool = False) -> list[tuple]:
     return [(1024 if quick else 4096,)] * 1000
 
 
+def cpu_20m_shapes(quick: bool = False) -> list[tuple]:
+    """~20M params in 60 tensors (30 matrices of 640 x 1024 and their 1,024-element biases): the CPU training /
+    optimizer-offload case of the native backend's goal (>= 3x torch's foreach AdamW). Quick: 64-row matrices."""
+    rows = 64 if quick else 640
+    return [(rows, 1024), (1024,)] * 30
+
+
 # 2**31 + 2**20 + 1 elements: past int32 indexing, and odd, so the last block of every engine is a partial one.
 HUGE_NUMEL = 2**31 + 2**20 + 1
 
@@ -184,6 +191,8 @@ WORKLOADS = {
         Workload("llama-1b", llama_1b_shapes, "LLaMA-style 1.24B params, 146 tensors", default_devices=("cuda",)),
         Workload("many-small", many_small_shapes, "1,000 tensors of 4,096 elements"),
         Workload("huge", huge_shapes, "one tensor of 2**31 + 2**20 + 1 elements", devices=("cuda",)),
+        Workload("cpu-20m", cpu_20m_shapes, "19.7M params in 60 tensors (CPU training, offloaded state)",
+                 devices=("cpu",), default_devices=()),
     )
 }
 
