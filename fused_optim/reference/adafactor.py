@@ -40,7 +40,7 @@ import math
 
 from torch import Tensor
 
-from .adam import compute_dtype
+from .adam import working_copies
 
 
 def relative_step_size(t: float, *, lr, relative_step: bool, warmup_init: bool) -> float:
@@ -83,12 +83,7 @@ def adafactor(
     when ``beta1`` is set. ``master_param``: fp32 master copy of a bf16/fp16 param. ``grad_scale``: GradScaler's
     scale; the grad is divided by it and written back unscaled.
     """
-    dtype = compute_dtype(param)
-    theta = master_param if master_param is not None else param.to(dtype)
-    g = grad.to(dtype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(dtype)
-        grad.copy_(g)
+    theta, g = working_copies(param, grad, master_param, grad_scale)
 
     step.add_(1)
     t = float(step)

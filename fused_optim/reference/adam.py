@@ -18,6 +18,20 @@ def compute_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+def working_copies(param: Tensor, grad: Tensor, master_param: Tensor | None, grad_scale: Tensor | None):
+    """(theta, g) in the compute dtype, shared by every reference rule: theta is the fp32 master copy when there is
+    one, else the param itself (fp32/fp64) or an fp32 copy of it (bf16/fp16; the rule writes the rounded result
+    back with ``param.copy_(theta)``). With a GradScaler the grad is divided by its scale and written back
+    unscaled, as torch's fused optimizers do."""
+    dtype = compute_dtype(param)
+    theta = master_param if master_param is not None else param.to(dtype)
+    g = grad.to(dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(dtype)
+        grad.copy_(g)
+    return theta, g
+
+
 def adam(
     param: Tensor,
     grad: Tensor,
@@ -42,12 +56,7 @@ def adam(
     ``master_param``: the fp32 master copy of a bf16/fp16 param; the update happens there and the param gets the
     rounded result. ``grad_scale``: GradScaler's scale; the grad is divided by it and written back unscaled.
     """
-    dtype = compute_dtype(param)
-    theta = master_param if master_param is not None else param.to(dtype)
-    g = grad.to(dtype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(dtype)
-        grad.copy_(g)
+    theta, g = working_copies(param, grad, master_param, grad_scale)
     if maximize:
         g = -g
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .adam import compute_dtype
+from .adam import compute_dtype, working_copies
 
 
 def grad_sq_norm(grads: list, grad_scale: Tensor | None = None) -> Tensor:
@@ -67,12 +67,7 @@ def lamb(
     master copy of a bf16/fp16 param; the update happens there and the param gets the rounded result.
     ``grad_scale``: GradScaler's scale; the grad is divided by it and written back unscaled (not clipped).
     """
-    dtype = compute_dtype(param)
-    theta = master_param if master_param is not None else param.to(dtype)
-    g = grad.to(dtype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(dtype)
-        grad.copy_(g)
+    theta, g = working_copies(param, grad, master_param, grad_scale)
     if grad_clip is not None:
         g = g * float(grad_clip)
 
