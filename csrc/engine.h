@@ -21,8 +21,28 @@
 //   static void finish(x)         writes tensor x's new step; called once per tensor per launch, after every
 //                                 block of the tensor has read the old one.
 // An engine owns everything else: the grid over the block map, vector body and scalar tail, 64-bit indexing,
-// the skip, the step protocol. Per-tensor reductions (LAMB's norms) will add a per-block partial sum written by
-// the engine into a [quantity, block] buffer and summed per tensor in a fixed order, as kernels/engine.py does.
+// the skip, the step protocol.
+//
+// Per-block partial sums (LAMB's norms, a global grad norm). A rule that reduces declares
+//   static constexpr int kPartials = Q;   (Q >= 1 quantities; absent or 0: a purely elementwise rule)
+// and its apply takes one more argument, `float (&part)[Q][N]`, where it leaves each element's contribution
+// (θ², u², ...). The engine adds the contributions in a fixed order of its own and writes one fp32 sum per
+// quantity and block into `partials[q * n_blocks + b]` (the layout of kernels/lamb.py); a skipped launch writes
+// zeros. A separate launch, segment_sum, then adds each tensor's partials in a fixed order: there is no float
+// atomic, and the same inputs give bitwise the same sums on every run. The two steps stay separate so that under
+// FSDP an all-reduce of the per-tensor sums fits between them.
+//
+// Summation depth, which bounds the rounding error of a sum of non-negative terms (fused_optim/testing.py,
+// sum_sq_rel, derived for the Triton engine: 39 additions per 4096-element block, then ceil(n / 1024) + 15 per
+// segment of n partials); both native engines stay within it:
+//   CPU block:   kCpuLanes = 128 lanes, lane k adding elements k, k + 128, ... in order (32 per 4096-element
+//                block), then a pairwise tree over the lanes (7 levels): depth 39, whatever the ISA or vector width
+//                (each lane is its own accumulator, so vectorizing the loop does not reorder any addition);
+//   CUDA block:  each of the 256 threads adds its 16 elements in order (17 with a tensor's last few), then a
+//                shared-memory tree (8 levels): at most 25;
+//   segment_sum: kSegmentLanes = 1024 lanes, lane k adding partials k, k + 1024, ... in order, then a pairwise
+//                tree (10 levels): depth ceil(n / 1024) + 10, and the same order, hence the same bits, on the CPU
+//                and the GPU.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +54,18 @@ namespace fused_optim {
 
 // Elements per vector access: 4 fp32 = 16 bytes (one ld.global.v4), 4 bf16/fp16 = 8 bytes.
 constexpr int kVec = 4;
+
+// Accumulator lanes of a per-block partial sum on the CPU, and of segment_sum on both engines (see above).
+constexpr int kCpuLanes = 128;
+constexpr int kSegmentLanes = 1024;
+
+// Rule::kPartials, or 0 for a rule without per-block partial sums.
+template <class Rule, class = void>
+struct PartialsOf : std::integral_constant<int, 0> {};
+template <class Rule>
+struct PartialsOf<Rule, std::void_t<decltype(Rule::kPartials)>> : std::integral_constant<int, Rule::kPartials> {};
+template <class Rule>
+constexpr int partials_of = PartialsOf<Rule>::value;
 
 // The block map of one launch (device pointers on CUDA, host pointers on CPU).
 struct BlockMap {

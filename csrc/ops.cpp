@@ -24,6 +24,7 @@
 // `python -m fused_optim info` through fused_optim.native.info().
 //
 // The Python side is fused_optim/native.py (loader and launcher) and fused_optim/backends.py (dispatch).
+// Other rules register their operators as fragments of this library in their own files (LAMB: ops_lamb.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -24,10 +24,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sources relative to the csrc directory.
 CPU_SOURCES = ["ops.cpp", "cpu/adam_cpu.cpp", "cpu/adam_cpu_f32.cpp", "cpu/adam_cpu_f16.cpp", "cpu/adam_cpu_bf16.cpp"]
 CUDA_SOURCES = ["ops_cuda.cpp", "adam_cuda.cu", "adam_cuda_f32.cu", "adam_cuda_f16.cu", "adam_cuda_bf16.cu"]
+# LAMB: its operators (ops_lamb.cpp registers them as a fragment of the library), the CPU loops and CUDA kernels.
+CPU_SOURCES += ["ops_lamb.cpp", "cpu/lamb_cpu.cpp", "cpu/lamb_cpu_f32.cpp", "cpu/lamb_cpu_f16.cpp",
+                "cpu/lamb_cpu_bf16.cpp"]
+CUDA_SOURCES += ["ops_lamb_cuda.cpp", "lamb_cuda.cu", "lamb_cuda_f32.cu", "lamb_cuda_f16.cu", "lamb_cuda_bf16.cu"]
+# Adafactor: its operators (a fragment of the library ops.cpp defines), the CPU and CUDA tile engines' launches.
+CPU_SOURCES += ["adafactor_ops.cpp", "cpu/adafactor_cpu.cpp", "cpu/adafactor_cpu_f32.cpp", "cpu/adafactor_cpu_f16.cpp",
+                "cpu/adafactor_cpu_bf16.cpp"]
+CUDA_SOURCES += ["adafactor_ops_cuda.cpp", "adafactor_cuda.cu", "adafactor_cuda_f32.cu", "adafactor_cuda_f16.cu",
+                 "adafactor_cuda_bf16.cu"]
 
 # torch.utils.cpp_extension adds -std (c++20 for torch 2.13) and its own defines to these.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
-LD_FLAGS = ["-fopenmp"]
+# -lstdc++ dynamically, ahead of the driver's own: a compiler set up to link libstdc++ statically (seen: the GPU
+# machine's CXX=/opt/gcc/bin/g++) gives the extension a second copy of the C++ library beside torch's, and a
+# TORCH_CHECK message streamed through it loses its numbers (here) or segfaults (there). Named first, the shared
+# libstdc++.so.6 that torch uses resolves every symbol and the static archive adds nothing.
+LD_FLAGS = ["-fopenmp", "-Wl,--push-state,--no-as-needed,-Bdynamic", "-lstdc++", "-Wl,--pop-state"]
 NVCC_FLAGS = ["-O3", "-fmad=false", "-prec-div=true", "-prec-sqrt=true", "-Xcompiler=-ffp-contract=off"]
 # What csrc/check_cuda_compile.sh adds to NVCC_FLAGS to compile the .cu files as the extension build does, without
 # torch: the C++ standard torch 2.13 builds with, and torch's COMMON_NVCC_FLAGS (cpp_extension.py), which remove

@@ -99,7 +99,7 @@ _resolved: dict = {}  # (requested, device, dtype, rule, TRITON_INTERPRET) -> ba
 
 
 def unusable_for(name: str, device: torch.device, rule: str) -> str | None:
-    """``unusable`` for one update rule: the native extension implements Adam's rule only, so far."""
+    """``unusable`` for one update rule: the native extension implements the rules of ``native.RULES`` only."""
     why = unusable(name, device)
     if why is None and name == "native" and rule not in native.RULES:
         why = (f"the native extension has no {rule!r} rule yet (it has {sorted(native.RULES)}); "
@@ -113,8 +113,8 @@ def resolve(requested: str, device: torch.device, dtype: torch.dtype, where: str
     ``where`` names the tensors for error messages ("param 3 of param group 0"). A named backend that cannot run
     raises :class:`BackendUnavailable`; ``auto`` never raises: it falls back native -> triton (CUDA) -> reference,
     with one warning per device type and reason. ``rule``: the optimizer's update rule; a backend without that
-    rule (the native extension has Adam's only, so far) cannot run it. Called for every param at every step, so
-    the answer is memoized (availability only changes with the environment).
+    rule (the native extension has those of ``native.RULES``) cannot run it. Called for every param at every step,
+    so the answer is memoized (availability only changes with the environment).
     """
     key = (requested, device, dtype, rule, os.environ.get("TRITON_INTERPRET"))
     found = _resolved.get(key)
@@ -274,7 +274,10 @@ def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, fo
         table = _table(bucket, kernels.RULES[rule], tables)
         return kernels.grad_sq_norm(table, grad_dtype=bucket.grad_dtype, grad_scale=grad_scale,
                                     found_inf=found_inf)
-    raise BackendUnavailable(native_unusable(bucket.device))
+    if bucket.backend == "native":
+        table = _table(bucket, native.RULES[rule], tables)
+        return native.grad_sq_norm(table, bucket.grads, grad_scale=grad_scale, found_inf=found_inf)
+    raise ValueError(f"unknown backend {bucket.backend!r}")
 
 
 def _run_native(bucket, rule, hp, tables, grad_scale, found_inf):

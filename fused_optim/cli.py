@@ -71,7 +71,7 @@ class CheckSpec:
 
     name: str
     run: object
-    rule: str = "adam"  # the update rule: a backend without it (native has Adam's only, so far) is skipped
+    rule: str = "adam"  # the update rule: a backend without it (native: see native.RULES) is skipped
     dtypes: tuple = field(default=(torch.float32, torch.bfloat16, torch.float16))
     options: tuple = ()
 

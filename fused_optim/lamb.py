@@ -52,7 +52,8 @@ class FusedLAMB(FusedOptimizer):
     ``bias_correction=False`` it is exactly the TensorFlow ``LAMBOptimizer`` the authors derived from BERT's
     ``AdamWeightDecayOptimizer``.
 
-    **Kernels** (``backend="triton"``): two passes over the tensors, 40 bytes per fp32 param: pass 1 reads
+    **Kernels** (``backend="triton"``, and ``"native"``: csrc/lamb_rule.h on the CUDA and CPU engines, the same
+    passes and op order): two passes over the tensors, 40 bytes per fp32 param: pass 1 reads
     θ, g, m, v, writes m, v and per-block partial sums of θ² and u²; a deterministic segment sum turns them into
     per-tensor norms; pass 2 recomputes u and writes θ. ``max_grad_norm`` adds one read of every grad (4 B/param)
     and keeps G and c on the device: no host synchronization anywhere, so a step can be captured in a CUDA graph

@@ -1,7 +1,9 @@
 """The native backend's Python side: loading the extension, saying why it cannot run, and its launchers.
 
 The extension (``csrc/``) registers operators with the PyTorch dispatcher (``torch.ops.fused_optim.adam_``, schema
-in csrc/ops.cpp) with CPU kernels and, when built with CUDA, CUDA kernels. It comes from one of two places:
+in csrc/ops.cpp; ``lamb_``, ``grad_sq_`` and ``segment_sum``, csrc/ops_lamb.cpp; Adafactor's ``adafactor_pass1_`` ..
+``adafactor_pass3_`` and ``segment_sums_``, csrc/adafactor_ops.cpp) with CPU kernels and, when built with CUDA, CUDA
+kernels. It comes from one of two places:
 
 1. ``fused_optim._C``, built by ``pip install --no-build-isolation [-e] .`` (setup.py);
 2. otherwise a JIT build of the same sources with ninja through :func:`torch.utils.cpp_extension.load` on first
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _build
+from .tables import TILE_META_FIELDS, TileTable
 
 JIT_NAME = "fused_optim_C"
 
@@ -159,6 +162,14 @@ def info() -> str:
 # Launchers: one per rule, called by backends._run_native with the bucket's table (fused_optim/tables.py) and
 # operand lists. The lists go to the dispatcher (mutation and device); the kernels read the table.
 # ----------------------------------------------------------------------------------------------------------------
+LAUNCHES = {"count": 0}  # kernel launches (one per op call), counted by tests as kernels.engine.LAUNCHES is
+
+
+def _launch(op, *args) -> None:
+    LAUNCHES["count"] += 1
+    op(*args)
+
+
 ADAM_OPERANDS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param", "step")
 
 
@@ -185,7 +196,8 @@ def adam(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) ->
     lr_tensor = lr if isinstance(lr, Tensor) else None
     amsgrad = bool(hp["amsgrad"])
     master = operands["master_param"][0] is not None
-    torch.ops.fused_optim.adam_(
+    _launch(
+        torch.ops.fused_optim.adam_,
         operands["param"], operands["grad"], operands["exp_avg"], operands["exp_avg_sq"],
         _present(operands, "max_exp_avg_sq", amsgrad), _present(operands, "master_param", master), operands["step"],
         [table.ptrs[name] for name in ADAM_OPERANDS], table.numels, table.block_tensor, table.block_start,
@@ -199,4 +211,155 @@ def adam(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) ->
 
 adam.OPERANDS = ADAM_OPERANDS
 
-RULES = {"adam": adam}
+LAMB_OPERANDS = ("param", "grad", "exp_avg", "exp_avg_sq", "master_param", "step")  # = kernels/lamb.py OPERANDS
+LAMB_NORMS, LAMB_APPLY, LAMB_FUSED = 0, 1, 2  # the passes of csrc/lamb_rule.h
+
+
+def lamb(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) -> None:
+    """One LAMB step over every tensor of ``table`` (operands as in ``LAMB_OPERANDS``), as kernels/lamb.py does it:
+    pass 1 (moments, per-block partial sums of θ² and u²), ``segment_sum`` (per-tensor sums of squares, a separate
+    step: under FSDP an all-reduce of ``sums`` over the shard group goes there), pass 2 (θ -= γ r u); or one fused
+    pass for a group without layer adaptation. 3 (or 1) launches, whatever the number of tensors.
+
+    ``hp``: lr (float or a 0-d tensor on the params' device), beta1, beta2, eps, weight_decay, bias_correction,
+    trust_clip (None or (lo, hi)), layer_adaptation, grad_clip (None, or c = min(1, max_grad_norm / G) as a 0-d
+    float64 or float32 tensor on the params' device). ``grad_scale``/``found_inf``: GradScaler's tensors, or None.
+    """
+    load()
+    lr = hp["lr"]
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    master = operands["master_param"][0] is not None
+    clip = hp["trust_clip"]
+    op = torch.ops.fused_optim.lamb_
+    head = (operands["param"], operands["grad"], operands["exp_avg"], operands["exp_avg_sq"],
+            _present(operands, "master_param", master), operands["step"],
+            [table.ptrs[name] for name in LAMB_OPERANDS], table.numels, table.block_tensor, table.block_start,
+            table.arrivals, table.block)
+    scalars = (0.0 if lr_tensor is not None else float(lr), lr_tensor,
+               float(hp["beta1"]), float(hp["beta2"]), float(hp["eps"]), float(hp["weight_decay"]),
+               bool(hp["bias_correction"]), clip is not None,
+               0.0 if clip is None else float(clip[0]), 0.0 if clip is None else float(clip[1]), hp.get("grad_clip"))
+    if not hp["layer_adaptation"]:
+        _launch(op, *head, LAMB_FUSED, *scalars, None, None, grad_scale, found_inf)
+        return
+    partials = torch.empty((2, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    _launch(op, *head, LAMB_NORMS, *scalars, partials, None, grad_scale, found_inf)
+    # Per tensor: sums[0, i] = ||θ_i||², sums[1, i] = ||u_i||² (fixed order: deterministic; sums add across shards).
+    sums = segment_sum(partials, table.first_block)
+    _launch(op, *head, LAMB_APPLY, *scalars, None, sums, None, found_inf)
+
+
+lamb.OPERANDS = LAMB_OPERANDS
+
+
+def segment_sum(partials: Tensor, seg_start: Tensor) -> Tensor:
+    """``out[q, s]`` = the sum of ``partials[q, seg_start[s]:seg_start[s + 1]]`` (fp32 [Q, P]; int32/int64
+    [S + 1]), as a new [Q, S] tensor: one launch, a fixed order (csrc/engine.h), the same bits on CPU and CUDA."""
+    load()
+    LAUNCHES["count"] += 1
+    return torch.ops.fused_optim.segment_sum(partials, seg_start)
+
+
+def grad_sq_norm(table, grads: list, *, grad_scale=None, found_inf=None) -> Tensor:
+    """Σ g² over every grad of ``table`` (``grads``: the tensors of its ``grad`` operand; each divided by
+    ``grad_scale`` first, as pass 1 of ``lamb`` divides it), a 0-d fp32 tensor on their device: the per-block
+    partials, then one segment over all of them. Two launches, no host synchronization, deterministic; 0 when
+    ``found_inf`` is set (the step is skipped)."""
+    load()
+    partials = torch.empty((1, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    _launch(torch.ops.fused_optim.grad_sq_, grads, table.ptrs["grad"], table.numels, table.block_tensor,
+            table.block_start, table.arrivals, table.block, grad_scale, found_inf, partials)
+    whole = table.first_block[:: table.n_tensors].contiguous()  # [0, n_blocks]: one segment over every block
+    return segment_sum(partials, whole)[0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adafactor: seven launches per bucket on the 2-D tile map (fused_optim.tables.TileTable, the Triton engine's), in
+# the order of kernels/adafactor.py; the schemas and what each operator does are in csrc/adafactor_ops.cpp.
+# ----------------------------------------------------------------------------------------------------------------
+ADAFACTOR_OPERANDS = ("param", "grad", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg", "master_param",
+                      "step")
+_tile_layout_checked = False
+
+
+def _check_tile_layout() -> None:
+    """The engines read TileTable.meta by position (csrc/tile_map.h): the extension must agree with tables.py."""
+    global _tile_layout_checked
+    if not _tile_layout_checked:
+        fields = tuple(torch.ops.fused_optim.tile_meta_fields())
+        if fields != TILE_META_FIELDS:
+            raise NativeUnavailable(f"the native extension reads tile tables with the fields {fields}, but "
+                                    f"fused_optim.tables lays them out as {TILE_META_FIELDS}; rebuild the extension "
+                                    "(`pip install --no-build-isolation -e .`)")
+        _tile_layout_checked = True
+
+
+def _adafactor_table(operands: dict, device: torch.device) -> TileTable:
+    """The tile map of a bucket, as the Triton rule builds it: params of rank >= 2 are factored over their last two
+    dims (32 x 128 tiles, fused_optim.tables.DEFAULT_TILE, which the native engines are compiled for)."""
+    return TileTable.build(operands, device, matrix=[p.dim() >= 2 for p in operands["param"]])
+
+
+def _compact(operands: dict, name: str, matrices: bool) -> list:
+    """The ``name`` states of the params with elements that are matrices (``matrices``: exp_avg_sq_row/col) or flat
+    (exp_avg_sq), in param order: the ops take these states as compact lists (a zero-size param has none to
+    update)."""
+    picked = [i for i, p in enumerate(operands["param"]) if p.numel() > 0 and (p.dim() >= 2) == matrices]
+    tensors = operands[name]
+    out = [tensors[i] for i in picked]
+    if any(t is None for t in out):
+        i = next(i for i in picked if tensors[i] is None)
+        raise RuntimeError(f"fused_optim: tensor {i} of a launch group has no {name!r} state; re-create the optimizer "
+                           f"state (or load a state_dict that has {name!r} for every param of that rank)")
+    return out
+
+
+def adafactor(table: TileTable, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) -> None:
+    """One Adafactor step over every tensor of ``table`` (operands as in ``ADAFACTOR_OPERANDS``): seven operator
+    calls whatever the number of tensors (five without any matrix), each reduction a call of its own.
+
+    ``hp``: lr (None with relative_step; else a float or a 0-d tensor on the params' device), eps1, eps2,
+    clip_threshold, decay_rate, beta1 (None: no momentum), weight_decay, scale_parameter, relative_step,
+    warmup_init. ``grad_scale``/``found_inf``: GradScaler's tensors on the params' device, or None.
+    """
+    load()
+    _check_tile_layout()
+    ops = torch.ops.fused_optim
+    params, grads, steps = operands["param"], operands["grad"], operands["step"]
+    work = table.scratch()
+    tables = [table.ptrs[name] for name in ADAFACTOR_OPERANDS]
+    masters = _present(operands, "master_param", operands["master_param"][0] is not None)
+    exp_avgs = _present(operands, "exp_avg", hp["beta1"] is not None)
+    rows = _compact(operands, "exp_avg_sq_row", matrices=True)
+    cols = _compact(operands, "exp_avg_sq_col", matrices=True)
+    sqs = _compact(operands, "exp_avg_sq", matrices=False)
+    lr = hp["lr"]
+    lr_tensor = lr if isinstance(lr, Tensor) and not hp["relative_step"] else None
+    lr_value = None if lr is None or lr_tensor is not None else float(lr)
+    eps1, decay_rate = float(hp["eps1"]), float(hp["decay_rate"])
+    stats, meta, tiles = work["stats"], table.meta, table.tile_tensor
+
+    # 1. Row/column partial sums of g² + ε1, Σθ² per tile.  2. Row sums, column sums, Σθ² per tensor.
+    _launch(ops.adafactor_pass1_, params, grads, masters, tables, meta, tiles, work["partials"], table.n_partials,
+            eps1, grad_scale, found_inf)
+    _launch(ops.segment_sums_, work["partials"], table.stat_seg, stats)
+    if table.n_stats:
+        # 3. R_t, C_t (EMAs of the row and column means), in the state and in stats.  4. ΣR_t per matrix.
+        _launch(ops.adafactor_statistics_, rows, cols, steps, tables, meta, table.stat_tensor, stats, table.n_rows,
+                decay_rate, found_inf)
+        _launch(ops.segment_sums_, stats[: table.n_rows], table.batch_seg, work["batch_sums"])
+    # 5. ΣU² per tile (flat tensors: V_t first).  6. ΣU² per tensor.
+    _launch(ops.adafactor_pass2_, grads, sqs, steps, tables, meta, tiles, stats, work["batch_sums"],
+            work["usq_partials"], eps1, decay_rate, grad_scale, found_inf)
+    _launch(ops.segment_sums_, work["usq_partials"], table.tile_seg, work["usq_sums"])
+    # 7. The update, and step += 1.
+    _launch(ops.adafactor_pass3_, params, grads, sqs, exp_avgs, masters, steps, tables, meta, tiles, table.arrivals,
+            stats, work["batch_sums"], work["usq_sums"], lr_value, lr_tensor, float(hp["eps2"]),
+            float(hp["clip_threshold"]), hp["beta1"], float(hp["weight_decay"]), bool(hp["scale_parameter"]),
+            bool(hp["relative_step"]), bool(hp["warmup_init"]), grad_scale, found_inf)
+
+
+adafactor.OPERANDS = ADAFACTOR_OPERANDS
+adafactor.build_table = _adafactor_table
+
+RULES = {"adam": adam, "lamb": lamb, "adafactor": adafactor}

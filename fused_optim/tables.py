@@ -187,6 +187,21 @@ class TileTable:
     def n_stats(self) -> int:
         return self.n_rows + self.n_cols
 
+    def scratch(self) -> dict:
+        """The reductions' buffers of an Adafactor step on this table (both backends' layout), allocated on the first
+        step and kept with the table (zeroed once, so that a step skipped by GradScaler never reads uninitialized
+        memory)."""
+        if not self.work:
+            zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=self.meta.device)  # noqa: E731
+            self.work.update(
+                partials=zeros(self.n_partials + self.n_tiles),  # row | column partials | Σθ² per tile
+                stats=zeros(self.n_stats + self.n_tensors),  # row sums -> R_t | column sums -> C_t | Σθ² per tensor
+                batch_sums=zeros(self.n_batches),  # ΣR_t per matrix
+                usq_partials=zeros(self.n_tiles),  # ΣU² per tile
+                usq_sums=zeros(self.n_tensors),  # ΣU² per tensor
+            )
+        return self.work
+
     @classmethod
     def build(cls, operands: dict, device: torch.device, matrix, tile: tuple | None = None) -> "TileTable":
         """``operands``: name -> list of tensors (or ``None``s), one entry per tensor, the first list giving the

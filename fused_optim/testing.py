@@ -203,6 +203,10 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # tl.sum over 1024 lanes (8 + 7). Squaring rounds once more. For a sum of non-negative terms, every path of
 # depth d gives |S~ - S| <= d eps32 S (first order), so with d = 1 + 39 + ceil(n_b / 1024) + 15:
 #     ||x||~  = ||x|| (1 + delta),  |delta| <= d eps32 / 2          (sqrt halves a relative error)
+# The native engines sum in orders of their own, no deeper (csrc/engine.h): a block in 128 lanes of 32 elements
+# then a 7-level tree on the CPU (39), 256 threads of 16 (17 with a tensor's tail) then an 8-level tree on the GPU
+# (at most 25); a segment in 1,024 lanes then a 10-level tree (ceil(n_b / 1024) + 10). So ``sum_sq_rel`` bounds
+# them too, and every bound below holds for the native backend unchanged.
 #
 # Direction. Kernel and reference compute u_i = a_i + lambda theta_i, a = m^ / (sqrt(v^) + eps), from the same
 # fp32 m, v, theta. Counting the largest difference per operation (torch's CPU sqrt may be 1 ulp off, CUDA divides

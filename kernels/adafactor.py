@@ -326,22 +326,6 @@ def build_table(operands: dict, device: torch.device) -> TileTable:
     return TileTable.build(operands, device, matrix=[p.dim() >= 2 for p in operands["param"]])
 
 
-def _work(table: TileTable) -> dict:
-    """Scratch buffers, allocated on the first step and kept with the table (zeroed once, so that a step skipped
-    by GradScaler never reads uninitialized memory)."""
-    if not table.work:
-        dev = table.meta.device
-        zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=dev)  # noqa: E731
-        table.work.update(
-            partials=zeros(table.n_partials + table.n_tiles),  # row | column partials | Σθ² per tile
-            stats=zeros(table.n_stats + table.n_tensors),  # row sums -> R_t | column sums -> C_t | Σθ² per tensor
-            batch_sums=zeros(table.n_batches),  # ΣR_t per matrix
-            usq_partials=zeros(table.n_tiles),  # ΣU² per tile
-            usq_sums=zeros(table.n_tensors),  # ΣU² per tensor
-        )
-    return table.work
-
-
 def adafactor(table: TileTable, hp: dict, *, param_dtype, grad_dtype, master: bool, grad_scale=None,
               found_inf=None):
     """One Adafactor step over every tensor of ``table`` (operands in the order of ``OPERANDS``): seven launches,
@@ -351,7 +335,7 @@ def adafactor(table: TileTable, hp: dict, *, param_dtype, grad_dtype, master: bo
     clip_threshold, decay_rate, beta1 (None: no momentum), weight_decay, scale_parameter, relative_step,
     warmup_init. ``master``: the ``master_param`` operand holds fp32 master weights.
     """
-    work = _work(table)
+    work = table.scratch()
     p = table.ptrs
     lr = hp["lr"]
     lr_on_device = isinstance(lr, torch.Tensor) and not hp["relative_step"]

@@ -35,10 +35,14 @@ from . import engine
 def _lerp(start, end, weight):
     # torch's lerp: the formula switches at weight 0.5 so that both ends are exact; torch evaluates each branch
     # as one FMA (vectorized fmadd on CPU, contracted by nvcc on CUDA), and so do we.
+    # One structured if with a single return: an early `return` in each branch of a run-time condition becomes
+    # unstructured control flow (cf.cond_br), which Triton 3.6 cannot inline into the callers' scf.if regions
+    # ("failed to legalize unresolved materialization" at ConvertTritonToTritonGPU).
     if weight < 0.5:
-        return tl.fma(weight, end - start, start)
+        out = tl.fma(weight, end - start, start)
     else:
-        return tl.fma(-(end - start), 1.0 - weight, end)
+        out = tl.fma(-(end - start), 1.0 - weight, end)
+    return out
 
 
 @triton.jit

@@ -406,3 +406,27 @@ def test_quick_sweep_on_cuda_eager_and_in_a_cuda_graph():
                     assert (wl, dt, prov, graph) in got
     for row in result.rows:
         assert row["ms"] > 0 and math.isfinite(row["bw_fraction"]) and row["ratio_to_torch_fused"] is not None
+
+
+def test_rows_name_the_commit_they_were_given(monkeypatch):
+    """FUSED_OPTIM_COMMIT names the tree when set: the GPU machine's copy of the checkout can carry a stale .git
+    (seen: its HEAD was the session's first commit, so rows said '<old>-dirty')."""
+    from fused_optim.bench import harness
+    monkeypatch.setenv("FUSED_OPTIM_COMMIT", "0123456789ab")
+    assert harness.git_commit() == "0123456789ab"
+    monkeypatch.delenv("FUSED_OPTIM_COMMIT")
+    assert harness.git_commit() != "0123456789ab"
+
+
+def test_cpu_denominator_is_an_in_place_add_counting_three_passes(monkeypatch):
+    """On the CPU the bandwidth denominator is ``dst += src`` (read 2n, write n): a CPU copy also reads every line
+    it writes (write-allocate), so counting it as 2n made an in-place optimizer step look faster than memory."""
+    from fused_optim.bench import harness
+
+    def fake_time_steps(steps, device, policy):
+        steps[0]()
+        return harness.Timing(ms=1.0, steps=1, warmup_s=[0.0], copies=1)
+
+    monkeypatch.setattr(harness, "time_steps", fake_time_steps)
+    n_bytes = 4 * 1000
+    assert harness.copy_bandwidth(torch.device("cpu"), n_bytes) == pytest.approx(3 * n_bytes / 1e-3 / 1e9)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fused_optim import cli
+from cases import fused_backends
 
 
 def test_info_runs_and_explains_backends():
@@ -24,11 +25,15 @@ def test_check_passes_on_this_machine(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "adamw" in out and "float32" in out and "bfloat16+master" in out and " 0 failed" in out
-    # LAMB, end to end (its default), one run of two steps (~2 s): the second starts from the gaps of the first.
+    # LAMB, end to end (its default), one run of two steps per fused backend that has its rule (~2 s each): the
+    # second step starts from the gaps of the first.
     code = cli.main(["check", "--optimizer", "lamb", "--dtype", "float32", "--steps", "2"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "lamb" in out and "float32" in out and "\n1 runs, 0 failed" in out
+    lamb_backends = fused_backends(rule="lamb")
+    assert "lamb" in out and "float32" in out and f"\n{len(lamb_backends)} runs, 0 failed" in out
+    for backend in lamb_backends:
+        assert f"lamb       {backend:<8} float32" in out, out
 
 
 def test_check_fails_on_a_wrong_kernel(monkeypatch, capsys):

@@ -207,16 +207,35 @@ def test_auto_picks_a_backend_per_device_and_dtype():
         assert backends.resolve("auto", torch.device("cuda"), torch.bfloat16, "x") in ("native", "triton")
 
 
-def test_backend_resolution_knows_which_rules_a_backend_has():
-    """The native extension implements Adam's rule only: naming it for LAMB/Adafactor is a clear error, and auto
-    never picks it for them."""
+def test_backend_resolution_knows_which_rules_a_backend_has(monkeypatch):
+    """A rule the native extension does not implement (not in native.RULES; here LAMB's, removed for the test):
+    naming native for it is a clear error, and auto never picks native for it."""
     from fused_optim import backends, native
     cpu = torch.device("cpu")
-    for rule in ("lamb", "adafactor"):
-        assert rule not in native.RULES
-        assert backends.resolve("auto", cpu, torch.float32, "x", rule=rule) != "native"
+    monkeypatch.delitem(native.RULES, "lamb")
+    monkeypatch.setattr(backends, "_resolved", {})  # resolve() memoizes its answers
+    monkeypatch.setattr(backends, "_warned", set())  # and warns once per reason
+    for rule in ("lamb", "no_such_rule"):
+        with pytest.warns(UserWarning, match="the native backend cannot run"):
+            assert backends.resolve("auto", cpu, torch.float32, "x", rule=rule) != "native"
         with pytest.raises(fused_optim.BackendUnavailable, match=f"no '{rule}' rule|native"):
             backends.resolve("native", cpu, torch.float32, "x", rule=rule)
     p = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(fused_optim.BackendUnavailable, match="param 0 of param group 0"):
         fused_optim.FusedLAMB([p], backend="native")
+
+
+def test_auto_picks_native_for_every_rule_it_has():
+    """backend='auto' on CPU picks native for each rule of native.RULES (when the extension is usable)."""
+    from fused_optim import backends, native
+    cpu = torch.device("cpu")
+    if backends.unusable("native", cpu) is not None:
+        pytest.skip(f"native backend unusable: {backends.unusable('native', cpu)}")
+    assert {"adam", "lamb"} <= set(native.RULES)
+    for rule in native.RULES:
+        assert backends.resolve("auto", cpu, torch.float32, "x", rule=rule) == "native"
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fused_optim.FusedLAMB([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    assert {b.backend for b in opt._collect()} == {"native"}

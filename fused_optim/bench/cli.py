@@ -192,7 +192,8 @@ def main(argv: list | None = None) -> int:
     if todo:
         result = harness.run_sweep(todo, device, policy, quick=args.quick, copy_bytes=copy_bytes, on_row=on_row,
                                    progress=bar)
-        print(f"copy bandwidth: {result.copy_gbps:.1f} GB/s (read + write; {copy_mib} MiB copy, median of 20)")
+        what = "in-place add" if cpu else "device-to-device copy"
+        print(f"copy bandwidth: {result.copy_gbps:.1f} GB/s (read + write; {copy_mib} MiB {what}, median of 20)")
     else:
         result = harness.SweepResult(device=dev_name)
     print(harness.format_table(result.rows) if result.rows else "no configuration ran")

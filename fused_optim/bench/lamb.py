@@ -3,8 +3,7 @@
     python -m fused_optim bench --optimizer lamb
 
 torch.optim has no LAMB, so the unfused baseline ("torch-ops") is LAMB written with torch foreach ops below
-(:class:`ForeachLAMB`); the fused_optim providers need ``fused_optim.FusedLAMB`` and report "unavailable" until
-it exists.
+(:class:`ForeachLAMB`); the fused_optim providers run ``fused_optim.FusedLAMB`` on triton and native.
 
 Byte model (per parameter, one step): pass 1 reads θ, g, m, v and writes m, v, with the per-tensor norms of θ and
 of the update as by-products; pass 2 re-reads θ, m, v to recompute the update and writes θ:

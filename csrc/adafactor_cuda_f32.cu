@@ -1,0 +1,6 @@
+// Adafactor CUDA passes 1 and 3 for float params (see adafactor_cuda.cuh).
+#include "adafactor_cuda.cuh"
+
+namespace fused_optim {
+template const char* adafactor_cuda_for<float>(const AdafactorLaunch&, cudaStream_t);
+}  // namespace fused_optim

@@ -1,0 +1,6 @@
+// LAMB CPU loops for bf16_t params (see lamb_cpu.h).
+#include "lamb_cpu.h"
+
+namespace fused_optim {
+template void lamb_cpu_for<bf16_t>(const LambLaunch&, cpu::Isa);
+}  // namespace fused_optim
