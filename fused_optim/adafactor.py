@@ -133,6 +133,8 @@ class FusedAdafactor(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
+    state_options = ("beta1", "master_weights")  # the group options _init_param_state reads
+
     def _init_param_state(self, p, state, group):
         if _local(p) is not p:
             raise NotImplementedError(

@@ -123,6 +123,8 @@ class FusedAdam(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
+    state_options = ("amsgrad", "master_weights")  # the group options _init_param_state reads
+
     def _init_param_state(self, p, state, group):
         self._init_common_state(p, state, group)
         if "exp_avg" not in state:

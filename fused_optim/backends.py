@@ -191,6 +191,11 @@ class Bucket:
     grads: list = field(default_factory=list)  # local tensors (the shards of DTensor grads)
     states: list = field(default_factory=list)  # the optimizer's per-param state dicts
     sharded: bool = False  # some params are DTensors: params and states are swapped for their local shards
+    index: list = field(default_factory=list)  # position of each param in its group's "params"
+    # Set by the optimizer's step plan (optimizer.py) when it has already read this step's operand lists and found
+    # the cached table's addresses equal to them: then neither is read again here.
+    checked_operands: dict | None = None
+    checked_table: object = None
 
     @property
     def key(self) -> tuple:
@@ -199,6 +204,8 @@ class Bucket:
     def operands(self, names) -> dict:
         """Operand lists by name, in the order a kernel's ``OPERANDS`` lists them; state keys a param does not
         have (``max_exp_avg_sq`` without amsgrad, ``master_param`` for fp32 params) give ``None``."""
+        if self.checked_operands is not None and tuple(self.checked_operands) == tuple(names):
+            return self.checked_operands
         out = {}
         for name in names:
             if name == "param":
@@ -208,6 +215,17 @@ class Bucket:
             else:
                 out[name] = [s.get(name) for s in self.states]
         return out
+
+
+def operand_names(backend: str, rule: str) -> tuple:
+    """The operands (in table order) that ``backend``'s launcher of ``rule`` reads; () for the reference."""
+    if backend == "triton":
+        from . import kernels
+
+        return tuple(kernels.RULES[rule].OPERANDS)
+    if backend == "native":
+        return tuple(native.RULES[rule].OPERANDS)
+    return ()
 
 
 def run(bucket: Bucket, rule: str, hp: dict, *, tables: dict, grad_scale=None, found_inf=None) -> None:
@@ -239,8 +257,10 @@ def _run_reference(bucket, rule, hp, grad_scale, found_inf):
 def _table(bucket, launcher, tables) -> TensorTable:
     """The cached device table of ``bucket`` for ``launcher``'s operands (triton or native), rebuilt when a
     tensor's storage changed."""
-    operands = bucket.operands(launcher.OPERANDS)
     table = tables.get(bucket.key)
+    if table is not None and table is bucket.checked_table:
+        return table
+    operands = bucket.operands(launcher.OPERANDS)
     if table is None or table.key != storage_key(operands):
         # A rule whose kernels need another map than the 1-D block map (Adafactor's 2-D tiles) brings its builder.
         table = getattr(launcher, "build_table", TensorTable.build)(operands, bucket.device)

@@ -18,7 +18,9 @@ which would round the fp32 moments and master weights of a bf16 param to bf16.
 """
 from __future__ import annotations
 
-from itertools import chain
+from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import attrgetter, is_, is_not
 
 import torch
 from torch import Tensor
@@ -50,17 +52,56 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+_GRAD, _DTYPE, _SHAPE = attrgetter("grad"), attrgetter("dtype"), attrgetter("shape")
+_PTR, _CONTIGUOUS = Tensor.data_ptr, Tensor.is_contiguous
+
+
+@dataclass
+class _BucketPlan:
+    """What one bucket of a finished step was made of; see :meth:`FusedOptimizer._planned_buckets`."""
+
+    bucket: backends.Bucket
+    params: list
+    whole: bool  # the bucket holds every param of its group, in order
+    names: tuple  # the launcher's operands, in table order
+    present: dict  # state operand -> True (every param has it), False (none has), or a tuple of bools per param
+    nones: list  # the operand list of a state no param has
+    shapes: list  # of the params
+    addresses: list  # the table's addresses in table order, less those of the operands no param has (all 0)
+    table: object  # the cached table those addresses are the key of
+
+    def use(self, table) -> None:
+        """Take ``table`` (a TensorTable or TileTable of this bucket) and its addresses."""
+        n = len(self.params)
+        self.table = table
+        self.addresses = [a for k, name in enumerate(self.names) if self.present.get(name) is not False
+                          for a in table.key[0][k * n:(k + 1) * n]]
+
+
+@dataclass
+class _GroupPlan:
+    group: dict
+    params: tuple
+    has_grad: tuple  # bool per param
+    signature: tuple  # FusedOptimizer._plan_signature(group)
+    buckets: list
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class; see the module docstring. Subclasses set ``rule`` and ``state_keys`` and implement
     ``_init_param_state`` and ``_rule_hyperparameters``."""
 
     rule: str = ""
     state_keys: tuple = ()  # per-element fp32 state keys, besides "step" and "master_param"
+    # The param-group options that decide which state a param has (besides its dtype and shape): a step whose group
+    # changed one of them since the last step runs lazy state init again (see ``_planned_buckets``).
+    state_options: tuple = ("master_weights",)
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf instead of unscaling itself
 
     def __init__(self, params, defaults: dict):
         backends.check_name(defaults["backend"])
         self._tables: dict = {}  # device tables of the fused backends, keyed by bucket; rebuilt on storage change
+        self._plan: list | None = None  # the last step's buckets, see _planned_buckets
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -93,6 +134,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
         self._tables = {}
+        self._plan = None
 
     # -- subclass hooks -----------------------------------------------------------------------------------------
     def _init_param_state(self, p: Tensor, state: dict, group: dict) -> None:
@@ -172,6 +214,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"{t.stride()}); backend={bucket.backend!r} updates contiguous tensors only: make the "
                         "parameter contiguous before creating the optimizer, or use backend='reference'")
                 bucket.params.append(p)
+                bucket.index.append(i)
                 bucket.grads.append(lg)
                 if lp is not p:
                     bucket.sharded = True
@@ -199,18 +242,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        buckets = self._collect()
-        for bucket in buckets:
-            init, group, states = self._init_param_state, bucket.group, self.state
-            for p in bucket.params:
-                state = states[p]
-                init(p, state, group)
-                bucket.states.append(state)
-            if bucket.sharded:
-                # The kernels see shards (FSDP2); the optimizer's own state keeps the DTensors, as torch.optim's.
-                bucket.params = [_local(p) for p in bucket.params]
-                bucket.states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in s.items()}
-                                 for s in bucket.states]
+        buckets = self._planned_buckets()
+        planned = buckets is not None
+        if not planned:
+            buckets = self._collect()
+            for bucket in buckets:
+                init, group, states = self._init_param_state, bucket.group, self.state
+                for p in bucket.params:
+                    state = states[p]
+                    init(p, state, group)
+                    bucket.states.append(state)
+                if bucket.sharded:
+                    # The kernels see shards (FSDP2); the optimizer's own state keeps the DTensors, as torch.optim's.
+                    bucket.params = [_local(p) for p in bucket.params]
+                    bucket.states = [{k: _local(v) if isinstance(v, Tensor) else v for k, v in s.items()}
+                                     for s in bucket.states]
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -220,14 +266,130 @@ class FusedOptimizer(torch.optim.Optimizer):
             if dev not in on_device:
                 on_device[dev] = tuple(None if t is None else t.to(dev, non_blocking=True)
                                        for t in (grad_scale, found_inf))
-        whole_step = self._step_hyperparameters(buckets, on_device) if buckets else {}
-        for bucket in buckets:
-            dev = bucket.device
-            gs, fi = on_device[dev]
-            hp = self._group_hyperparameters(bucket.group, dev)
-            hp.update(whole_step.get(bucket.key, {}))
-            backends.run(bucket, self.rule, hp, tables=self._tables, grad_scale=gs, found_inf=fi)
+        try:
+            whole_step = self._step_hyperparameters(buckets, on_device) if buckets else {}
+            for bucket in buckets:
+                dev = bucket.device
+                gs, fi = on_device[dev]
+                hp = self._group_hyperparameters(bucket.group, dev)
+                hp.update(whole_step.get(bucket.key, {}))
+                backends.run(bucket, self.rule, hp, tables=self._tables, grad_scale=gs, found_inf=fi)
+        except BaseException:
+            self._plan = None  # the next step takes the full path, which checks everything again
+            raise
+        if planned:
+            self._update_plan()
+        else:
+            self._record_plan(buckets)
         return loss
+
+    # -- the step plan ------------------------------------------------------------------------------------------
+    # With many small tensors a step is host-bound: walking every param in Python (its grad, checks, bucketing,
+    # lazy state init, the operand lists, the table key) cost more than the launches. So a step that succeeded
+    # leaves a plan of its buckets, and the next step reuses them after re-reading, with one C-level ``map`` per
+    # attribute rather than Python code per param, everything the plan depends on: the same groups holding the same
+    # params (identity), the same params with grads, unchanged group options that decide the state
+    # (``state_options``), backend and lr placement; per bucket the params' dtype, shape, contiguity and addresses,
+    # the grads' dtype, contiguity and addresses, the same state dicts and the addresses of every state tensor
+    # used. Anything different (or raising, e.g. a sparse grad) and the step takes the full path above, which
+    # checks and raises as before and records a new plan. New grad objects at new addresses keep the plan and only
+    # rebuild the table. Sharded (DTensor) and reference buckets always take the full path.
+    def _plan_signature(self, group: dict) -> tuple:
+        lr = group["lr"]
+        return (group["backend"], lr.device if isinstance(lr, Tensor) else None,
+                tuple(group[k] for k in self.state_options))
+
+    def _record_plan(self, buckets: list) -> None:
+        self._plan = None
+        if any(b.backend == "reference" or b.sharded for b in buckets):
+            return
+        by_group: dict = {}
+        for b in buckets:
+            by_group.setdefault(b.group_index, []).append(b)
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            params = tuple(group["params"])
+            bucket_plans = []
+            for b in by_group.get(gi, ()):
+                table = self._tables.get(b.key)
+                if table is None:
+                    return
+                names = backends.operand_names(b.backend, self.rule)
+                present = {}
+                for n in names[2:] if names[:2] == ("param", "grad") else ():
+                    has = tuple(s.get(n) is not None for s in b.states)
+                    present[n] = True if all(has) else False if not any(has) else has
+                if len(present) != len(names) - 2:
+                    return
+                n = len(b.params)
+                bp = _BucketPlan(b, list(b.params), b.index == list(range(len(params))), names, present, [None] * n,
+                                 list(map(_SHAPE, b.params)), [], None)
+                bp.use(table)
+                bucket_plans.append(bp)
+            plan.append(_GroupPlan(group, params, tuple(map(is_not, map(_GRAD, params), repeat(None))),
+                                   self._plan_signature(group), bucket_plans))
+        self._plan = plan
+
+    def _update_plan(self) -> None:
+        """After a planned step whose table was rebuilt (new addresses): remember the new table."""
+        for gp in self._plan:
+            for bp in gp.buckets:
+                b = bp.bucket
+                if b.checked_table is None:
+                    table = self._tables.get(b.key)
+                    if table is None:
+                        self._plan = None
+                        return
+                    bp.use(table)
+                b.checked_operands = b.checked_table = None
+
+    def _planned_buckets(self) -> list | None:
+        """The buckets of this step if the plan of the last one still holds, else None (take the full path)."""
+        plan = self._plan
+        if plan is None or len(plan) != len(self.param_groups):
+            return None
+        try:
+            buckets = []
+            state = self.state
+            for group, gp in zip(self.param_groups, plan):
+                params = group["params"]
+                if (group is not gp.group or len(params) != len(gp.params) or not all(map(is_, params, gp.params))
+                        or self._plan_signature(group) != gp.signature):
+                    return None
+                grads = list(map(_GRAD, params))
+                if tuple(map(is_not, grads, repeat(None))) != gp.has_grad:
+                    return None
+                for bp in gp.buckets:
+                    b, ps = bp.bucket, bp.params
+                    gs = grads if bp.whole else list(map(grads.__getitem__, b.index))
+                    if not (all(map(is_, map(_DTYPE, ps), repeat(b.param_dtype)))
+                            and all(map(is_, map(_DTYPE, gs), repeat(b.grad_dtype)))
+                            and all(map(_CONTIGUOUS, ps)) and all(map(_CONTIGUOUS, gs))
+                            and list(map(_SHAPE, ps)) == bp.shapes):
+                        return None
+                    states = list(map(state.__getitem__, ps))
+                    if not all(map(is_, states, b.states)):
+                        return None
+                    operands, addresses = {"param": ps, "grad": gs}, []
+                    addresses.extend(map(_PTR, ps))
+                    addresses.extend(map(_PTR, gs))
+                    for name, present in bp.present.items():
+                        if present is False:  # no param has it and the group's options did not change: the
+                            operands[name] = bp.nones  # launch does not read it (table addresses 0), nor do we
+                            continue
+                        lst = operands[name] = list(map(dict.get, states, repeat(name)))
+                        if present is True:
+                            addresses.extend(map(_PTR, lst))  # a missing state tensor (None) raises: full path
+                        elif tuple(map(is_not, lst, repeat(None))) != present:
+                            return None  # a state tensor appeared or went: lazy init decides
+                        else:  # some params have this state (Adafactor's factored and unfactored tensors)
+                            addresses.extend(0 if t is None else t.data_ptr() for t in lst)
+                    buckets.append((b, gs, operands, bp.table if addresses == bp.addresses else None))
+        except Exception:  # anything unexpected (a sparse grad, a deleted state tensor): the full path decides
+            return None
+        for b, gs, operands, table in buckets:
+            b.grads, b.checked_operands, b.checked_table = gs, operands, table
+        return [b for b, *_ in buckets]
 
     # -- state_dict -------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
@@ -255,3 +417,4 @@ class FusedOptimizer(torch.optim.Optimizer):
                 elif value.is_floating_point():
                     state[key] = value.to(device=p.device, dtype=state_dtype(p))
         self._tables = {}
+        self._plan = None

@@ -1,0 +1,216 @@
+"""The step plan (FusedOptimizer._planned_buckets): a step reuses the last step's buckets, operand lists and table
+after re-reading everything they depend on. Each test changes one thing between two steps and checks two facts:
+
+* the result is bitwise what the full path gives: a twin optimizer with the plan switched off gets the same
+  changes, and params and every state tensor must be equal (the native CPU kernels are elementwise per tensor and
+  LAMB's and Adafactor's reductions are deterministic, so equal inputs give equal bits);
+* the plan was reused where nothing it depends on changed and dropped where something did (the full path's
+  ``_collect`` is counted), so a plan that is never used, or never dropped, fails here.
+"""
+import pytest
+import torch
+
+import fused_optim
+from fused_optim import backends
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(backends.unusable("native", CPU) is not None,
+                                reason=f"native CPU backend unavailable: {backends.unusable('native', CPU)}")
+
+SHAPES = [(6, 6), (7,), (3, 5), (1,), (4, 4), (2, 3, 4)]
+FACTORIES = {
+    "adamw": lambda params: fused_optim.FusedAdamW(params, lr=1e-2, backend="native"),
+    "lamb": lambda params: fused_optim.FusedLAMB(params, lr=1e-2, backend="native", max_grad_norm=1.0),
+    "adafactor": lambda params: fused_optim.FusedAdafactor(params, beta1=0.9, backend="native"),
+}
+
+
+def _make(factory, planned: bool):
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+              for i, s in enumerate(SHAPES)]
+    opt = factory(params)
+    opt.collects = 0
+    collect = opt._collect
+
+    def counted():
+        opt.collects += 1
+        return collect()
+
+    opt._collect = counted
+    if not planned:
+        opt._planned_buckets = lambda: None
+    return opt, params
+
+
+def _grads(params, step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+def _twins(change, factory=FACTORIES["adamw"], steps: int = 4, at: int = 2):
+    """``steps`` steps of a planned optimizer and of its unplanned twin, ``change(opt, params)`` called on both
+    before step ``at``. Asserts bitwise equality; returns the planned run's (opt, params, collects) with collects
+    = [full-path steps before the change, after the changed step, at the end]."""
+    runs = []
+    for planned in (True, False):
+        opt, params = _make(factory, planned)
+        counts = []
+        for step in range(steps):
+            _grads(params, step)
+            if step == at:
+                counts.append(opt.collects)
+                change(opt, params)
+            opt.step()
+            if step == at:
+                counts.append(opt.collects)
+        counts.append(opt.collects)
+        runs.append((opt, params, counts))
+    (a, pa, counts), (b, pb, _) = runs
+    assert len(a.param_groups) == len(b.param_groups)
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        assert torch.equal(x, y), f"param {i}"
+        sa, sb = a.state[x], b.state[y]
+        assert sa.keys() == sb.keys(), f"state keys of param {i}"
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"state {k!r} of param {i}"
+    return a, pa, counts
+
+
+KEEPS, DROPS = [1, 1, 1], [1, 2, 2]  # collects: the plan kept through the change / dropped once, then rebuilt
+
+
+@pytest.mark.parametrize("rule", sorted(FACTORIES))
+def test_unchanged_steps_reuse_the_plan(rule):
+    _, _, counts = _twins(lambda opt, params: None, FACTORIES[rule])
+    assert counts == KEEPS
+
+
+@pytest.mark.parametrize("rule", sorted(FACTORIES))
+def test_new_grad_objects_keep_the_plan(rule):
+    def regrad(opt, params):  # zero_grad(set_to_none=True) + backward: new grad tensors
+        opt.zero_grad(set_to_none=True)
+        _grads(params, 7)
+
+    _, _, counts = _twins(regrad, FACTORIES[rule])
+    assert counts == KEEPS
+
+
+def test_grads_at_new_addresses_rebuild_the_table_only():
+    tables = []
+
+    def move(opt, params):
+        tables.append(next(iter(opt._tables.values())))
+        keep = [p.grad for p in params]  # held, so the new grads cannot reuse their memory
+        for p in params:
+            p.grad = p.grad.clone()
+        tables.append(keep)
+
+    opt, _, counts = _twins(move)
+    assert counts == KEEPS
+    assert next(iter(opt._tables.values())) is not tables[0]
+
+
+def test_param_storage_swapped_rebuilds_the_table_only():
+    seen = []
+
+    def swap(opt, params):
+        seen.append((next(iter(opt._tables.values())), params[2].data))  # the old storage stays alive
+        params[2].data = params[2].data.clone()
+
+    opt, params, counts = _twins(swap)
+    assert counts == KEEPS
+    assert next(iter(opt._tables.values())) is not seen[0][0]
+    assert not torch.equal(params[2].data, seen[0][1])  # the new storage was updated, the old one left alone
+
+
+def test_replaced_state_tensor_is_the_one_updated():
+    runs = []  # one entry per twin, the planned one first
+
+    def replace(opt, params):
+        old = opt.state[params[0]]["exp_avg"]
+        opt.state[params[0]]["exp_avg"] = new = old.clone()
+        runs.append(dict(old=old, new=new, before=old.clone()))
+
+    opt, params, counts = _twins(replace)
+    replaced = runs[0]
+    assert counts == KEEPS
+    assert opt.state[params[0]]["exp_avg"] is replaced["new"]
+    assert torch.equal(replaced["old"], replaced["before"])  # the dropped tensor is no longer written
+    assert not torch.equal(replaced["new"], replaced["before"])
+
+
+@pytest.mark.parametrize("change", [
+    "grad_none", "state_key_deleted", "state_dict_replaced", "amsgrad_on", "backend_reference",
+    "param_removed", "lr_tensor",
+])
+def test_changes_drop_the_plan(change):
+    def apply(opt, params):
+        group = opt.param_groups[0]
+        if change == "grad_none":
+            params[1].grad = None
+        elif change == "state_key_deleted":
+            del opt.state[params[3]]["exp_avg_sq"]
+        elif change == "state_dict_replaced":
+            opt.state[params[4]] = {}
+        elif change == "amsgrad_on":
+            group["amsgrad"] = True
+        elif change == "backend_reference":
+            group["backend"] = "reference"
+        elif change == "param_removed":
+            group["params"].pop()
+        elif change == "lr_tensor":
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float64)
+
+    opt, params, counts = _twins(apply)
+    # The reference backend never plans (its buckets always take the full path); a grad given back at the next
+    # step changes the plan once more.
+    assert counts == ([1, 2, 3] if change in ("backend_reference", "grad_none") else DROPS)
+    if change == "amsgrad_on":
+        assert all("max_exp_avg_sq" in opt.state[p] for p in params)
+
+
+def test_add_param_group_drops_the_plan():
+    def add(opt, params):
+        extra = torch.nn.Parameter(torch.ones(5))
+        extra.grad = torch.full((5,), 0.5)
+        opt.add_param_group({"params": [extra], "lr": 1e-3})
+        params.append(extra)
+
+    opt, params, counts = _twins(add)
+    assert counts == DROPS
+    assert not torch.equal(params[-1], torch.ones(5))
+
+
+def test_transposed_param_is_refused_untouched():
+    opt, params = _make(FACTORIES["adamw"], planned=True)
+    _grads(params, 0)
+    opt.step()
+    params[0].data = params[0].data.t()  # same address and shape, no longer contiguous
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    with pytest.raises(RuntimeError, match=r"param 0 of param group 0 has a non-contiguous param"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(opt.state[params[1]][k], v) for k, v in state.items())
+
+
+def test_sparse_grad_is_refused_after_planned_steps():
+    opt, params = _make(FACTORIES["adamw"], planned=True)
+    _grads(params, 0)
+    opt.step()
+    opt.step()
+    assert opt.collects == 1
+    params[1].grad = params[1].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="has a sparse gradient"):
+        opt.step()
+
+
+def test_load_state_dict_drops_the_plan():
+    opt, params = _make(FACTORIES["adamw"], planned=True)
+    _grads(params, 0)
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert opt._plan is None
+    opt.step()
+    assert opt.collects == 2
