@@ -294,12 +294,6 @@ def _check_tile_layout() -> None:
         _tile_layout_checked = True
 
 
-def _adafactor_table(operands: dict, device: torch.device) -> TileTable:
-    """The tile map of a bucket, as the Triton rule builds it: params of rank >= 2 are factored over their last two
-    dims (32 x 128 tiles, fused_optim.tables.DEFAULT_TILE, which the native engines are compiled for)."""
-    return TileTable.build(operands, device, matrix=[p.dim() >= 2 for p in operands["param"]])
-
-
 def _compact(operands: dict, name: str, matrices: bool) -> list:
     """The ``name`` states of the params with elements that are matrices (``matrices``: exp_avg_sq_row/col) or flat
     (exp_avg_sq), in param order: the ops take these states as compact lists (a zero-size param has none to
@@ -360,6 +354,6 @@ def adafactor(table: TileTable, operands: dict, hp: dict, *, grad_scale=None, fo
 
 
 adafactor.OPERANDS = ADAFACTOR_OPERANDS
-adafactor.build_table = _adafactor_table
+adafactor.build_table = TileTable.factored
 
 RULES = {"adam": adam, "lamb": lamb, "adafactor": adafactor}

@@ -203,6 +203,12 @@ class TileTable:
         return self.work
 
     @classmethod
+    def factored(cls, operands: dict, device: torch.device) -> "TileTable":
+        """Adafactor's map (both backends): params of rank >= 2 are batches of matrices over their last two dims
+        (factored second moments), the others flat; DEFAULT_TILE tiles, which the native engines are compiled for."""
+        return cls.build(operands, device, matrix=[p.dim() >= 2 for p in operands["param"]])
+
+    @classmethod
     def build(cls, operands: dict, device: torch.device, matrix, tile: tuple | None = None) -> "TileTable":
         """``operands``: name -> list of tensors (or ``None``s), one entry per tensor, the first list giving the
         shapes. ``matrix``: one bool per tensor, True to view it as a batch of matrices over its last two dims."""

@@ -321,11 +321,6 @@ def _pass3_kernel(
 OPERANDS = ("param", "grad", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg", "master_param", "step")
 
 
-def build_table(operands: dict, device: torch.device) -> TileTable:
-    """The tile map of a bucket: tensors of rank >= 2 are matrices over their last two dims (factored)."""
-    return TileTable.build(operands, device, matrix=[p.dim() >= 2 for p in operands["param"]])
-
-
 def adafactor(table: TileTable, hp: dict, *, param_dtype, grad_dtype, master: bool, grad_scale=None,
               found_inf=None):
     """One Adafactor step over every tensor of ``table`` (operands in the order of ``OPERANDS``): seven launches,
@@ -376,7 +371,7 @@ def adafactor(table: TileTable, hp: dict, *, param_dtype, grad_dtype, master: bo
 
 
 adafactor.OPERANDS = OPERANDS
-adafactor.build_table = build_table
+adafactor.build_table = TileTable.factored
 
 
 def compile_variants():
@@ -399,7 +394,7 @@ def compile_variants():
             if lr_tensor:
                 hp.update(lr=torch.tensor(1e-3), relative_step=False)
             hp.update(flags)
-            adafactor(build_table(ops, torch.device("cpu")), hp, param_dtype=param_dtype, grad_dtype=grad_dtype,
+            adafactor(TileTable.factored(ops, torch.device("cpu")), hp, param_dtype=param_dtype, grad_dtype=grad_dtype,
                       master=master, grad_scale=torch.ones(()) if scaler else None,
                       found_inf=torch.zeros(()) if scaler else None)
         return run
