@@ -8,6 +8,7 @@
 #   tests_gpu.log                 pytest -m gpu                              (TRITON_INTERPRET unset)
 #   bench.log                     the benchmark sweep's tables
 #   <device>.jsonl, <device>.png  its rows and bw_fraction plot
+#   triton_shapes.log             benchmarks/triton_num_warps.py: Triton AdamW/LAMB time per program shape
 #   tests_rest.log                pytest -m "not gpu and not slow": the rest of the suite, on CUDA tensors too
 #   summary.txt                   one line per stage; the exit status is nonzero when the build, a test or a
 #                                 benchmark failed or ran out of time
@@ -182,6 +183,14 @@ bench 40 90 --optimizer adamw --dtype bf16-master,bf16 --workload gpt2-small \
 # torch.compile: one workload (inductor compiles for tens of seconds).
 if [ "$SMOKE" != 1 ]; then
     bench 70 60 --optimizer adamw --dtype fp32 --workload gpt2-small --provider torch-compile "${GPU_BUDGET[@]}"
+fi
+
+# The Triton program-shape probe (warps x piece size, AdamW and LAMB on gpt2-small): the evidence for
+# kernels/engine.BLOCK_WARPS and SUB_BLOCK.
+if [ "$SMOKE" != 1 ]; then
+    in_group "$(limit 60 60)" "$PY" benchmarks/triton_num_warps.py >"$OUT/triton_shapes.log" 2>&1
+    stage "triton program shapes" triton_shapes.log $?
+    cat "$OUT/triton_shapes.log"
 fi
 
 # -- 5. the rest of the suite on this machine (parity, interop and edge cases on CUDA tensors too) -----------------

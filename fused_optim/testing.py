@@ -196,17 +196,17 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # order-free value) and the kernel sums fp32 squares in a fixed tree of its own. So the parity tests bound each
 # norm's summation error and propagate it.
 #
-# Summation. Each block of BLOCK = 4096 elements is reduced by ``tl.sum``: on the GPU each of the 128 threads adds
-# its 32 elements in sequence, then a butterfly over the 32 lanes of a warp and a tree over the 4 warps (5 + 2
-# levels): a depth of 32 + 7 = 39 additions (the interpreter's numpy pairwise sum is shallower). ``segment_sum``
-# adds a tensor's n_b block partials: ceil(n_b / 1024) additions per lane of its 1024-wide accumulator, then a
-# tl.sum over 1024 lanes (8 + 7). Squaring rounds once more. For a sum of non-negative terms, every path of
-# depth d gives |S~ - S| <= d eps32 S (first order), so with d = 1 + 39 + ceil(n_b / 1024) + 15:
+# Summation. Each block of BLOCK = 4096 elements is summed in an order fixed by its engine (csrc/engine.h,
+# kernels/engine.py); the deepest is the native CPU engine's: 128 lanes, each adding its 32 elements in sequence,
+# then a 7-level tree over the lanes, a depth of 32 + 7 = 39 additions. The others are shallower: the Triton kernels
+# walk a block in 4 pieces of 1,024 elements, each lane adding its element of every piece (3 roundings: the first
+# adds to zero), then ``tl.sum`` over the 1,024 lanes in 256 threads (4 per thread, then 5 + 3 levels of warp
+# butterfly and cross-warp tree): 15 (the interpreter's numpy pairwise sum is shallower still); the native CUDA engine, 256 threads of 16 elements (17 with
+# a tensor's tail) then an 8-level tree: at most 25. ``segment_sum`` adds a tensor's n_b block partials:
+# ceil(n_b / 1024) additions per lane of its 1024-wide accumulator, then a tree over 1024 lanes (at most 8 + 7 in
+# Triton's tl.sum, 10 in the native one). Squaring rounds once more. For a sum of non-negative terms, every path of
+# depth d gives |S~ - S| <= d eps32 S (first order), so with d = 1 + 39 + ceil(n_b / 1024) + 15 for every backend:
 #     ||x||~  = ||x|| (1 + delta),  |delta| <= d eps32 / 2          (sqrt halves a relative error)
-# The native engines sum in orders of their own, no deeper (csrc/engine.h): a block in 128 lanes of 32 elements
-# then a 7-level tree on the CPU (39), 256 threads of 16 (17 with a tensor's tail) then an 8-level tree on the GPU
-# (at most 25); a segment in 1,024 lanes then a 10-level tree (ceil(n_b / 1024) + 10). So ``sum_sq_rel`` bounds
-# them too, and every bound below holds for the native backend unchanged.
 #
 # Direction. Kernel and reference compute u_i = a_i + lambda theta_i, a = m^ / (sqrt(v^) + eps), from the same
 # fp32 m, v, theta. Counting the largest difference per operation (torch's CPU sqrt may be 1 ulp off, CUDA divides
@@ -288,20 +288,21 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # ulp per step and is replaced by Adam's check, param_ulps = 2 ulps at max_t |theta_t| (module docstring: a
 # straddle, p ~ gamma r |u| rho / ulp ~ 1e-6 per element and step, leaves a gap of one ulp that persists; one ulp
 # of theta changes u by lambda ulp and r by ~ulp |theta_i| / ||theta|| relative, far below an ulp of the update).
-LAMB_THREADS = 32 * 4  # kernels/engine.NUM_WARPS warps of 32 threads
+LAMB_THREADS = 128  # lanes of the deepest per-block order: the native CPU engine's (csrc/engine.h kCpuLanes)
 LAMB_K_U = 14
 FIRST_ORDER_SLACK = 1e-3  # the neglected products of two gaps, relative
 
 
 def reduction_depth(lanes: int, threads: int = LAMB_THREADS) -> int:
-    """Longest chain of additions of a GPU ``tl.sum`` over ``lanes`` values: sequential per thread, then a tree."""
+    """Longest chain of additions of a sum of ``lanes`` values in ``threads`` accumulators (sequential in each,
+    then a tree over them): the deepest per-block order of the engines, and Triton's segment_sum (see above)."""
     per_thread = max(1, lanes // threads)
     return per_thread + (min(lanes, threads) - 1).bit_length()
 
 
 def sum_sq_rel(n_blocks: int, block: int = 4096, chunk: int = 1024) -> float:
-    """Relative error bound of a kernel's sum of squares over ``n_blocks`` blocks (per-block tl.sum, then one
-    segment of engine.segment_sum)."""
+    """Relative error bound of a kernel's sum of squares over ``n_blocks`` blocks (per-block sums, then one
+    segment of segment_sum), for every backend."""
     depth = 1 + reduction_depth(block) + -(-max(n_blocks, 1) // chunk) + reduction_depth(chunk)
     return depth * EPS32
 

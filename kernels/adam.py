@@ -70,7 +70,7 @@ def _adam_elements(
     MASKED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
     MASTER: tl.constexpr, UNSCALE: tl.constexpr,
 ):
-    """The per-element Adam update of one block (all fp32 in registers)."""
+    """The per-element Adam update of one piece of a block (all fp32 in registers)."""
     g = engine.load(grad, offs, mask, MASKED)
     if UNSCALE:
         g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))
@@ -109,7 +109,7 @@ def _adam_kernel(
     lr: tl.float64, lr_ptr, beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
     grad_scale_ptr, found_inf_ptr,
     numels, block_tensor, block_start, arrivals,
-    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, MASTER: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr, SKIP_IF_INF: tl.constexpr,
@@ -125,7 +125,7 @@ def _adam_kernel(
     if SKIP_IF_INF:  # GradScaler found an inf/NaN: the whole step is skipped, step counts included
         skip = tl.load(found_inf_ptr).to(tl.float32)
     if skip == 0.0:
-        t, offs, mask, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
+        t, start, n, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
         step_ptr = engine.operand(step_ptrs, t, tl.float32, False)
         step = tl.load(step_ptr) + 1.0
         if LR_ON_DEVICE:
@@ -147,11 +147,15 @@ def _adam_kernel(
                    beta1.to(tl.float32), (1.0 - beta1).to(tl.float32),
                    beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), eps.to(tl.float32))
         if full:
-            _adam_elements(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, offs, mask, *scalars,
-                           False, AMSGRAD, MAXIMIZE, DECOUPLED, MASTER, UNSCALE)
+            for k in range(0, BLOCK, SUB):
+                offs, mask = engine.piece(start, k, n, SUB)
+                _adam_elements(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, offs, mask, *scalars,
+                               False, AMSGRAD, MAXIMIZE, DECOUPLED, MASTER, UNSCALE)
         else:
-            _adam_elements(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, offs, mask, *scalars,
-                           True, AMSGRAD, MAXIMIZE, DECOUPLED, MASTER, UNSCALE)
+            for k in range(0, (n - start).to(tl.int32), SUB):
+                offs, mask = engine.piece(start, k, n, SUB)
+                _adam_elements(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, offs, mask, *scalars,
+                               True, AMSGRAD, MAXIMIZE, DECOUPLED, MASTER, UNSCALE)
 
         if engine.last_block_of_tensor(arrivals, t, numels, BLOCK):
             tl.store(step_ptr, step)

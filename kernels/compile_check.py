@@ -50,17 +50,20 @@ def signature_of(kernel, args, constexprs: dict):
     return sig, const
 
 
-def compile_for(kernel, args, constexprs: dict, archs) -> list:
+def compile_for(kernel, args, constexprs: dict, archs, num_warps: int | None = None) -> list:
+    """Compile ``kernel[grid](*args, **constexprs)`` for each of ``archs`` with ``num_warps`` warps per program
+    (default: the engine's NUM_WARPS); returns the compiled kernels."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     from .engine import NUM_WARPS
+    num_warps = NUM_WARPS if num_warps is None else num_warps
     sig, const = signature_of(kernel, args, constexprs)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const)
     out = []
     for arch in archs:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=NUM_WARPS, enable_fp_fusion=False))
+                                  options=dict(num_warps=num_warps, enable_fp_fusion=False))
         out.append(compiled)
     return out
 
@@ -89,7 +92,7 @@ def run(archs=(80, 90), verbose=True) -> list:
     rows = []
     for name, fn in variants():
         t0 = time.perf_counter()
-        engine.COMPILE_ONLY = lambda kernel, args, const: compile_for(kernel, args, const, archs)
+        engine.COMPILE_ONLY = lambda kernel, args, const, warps: compile_for(kernel, args, const, archs, warps)
         try:
             fn()
         except Exception as exc:

@@ -11,12 +11,14 @@ Every Triton optimizer in fused_optim runs through this file. An optimizer file 
   (``tl.load(table + i).to(tl.pointer_type(dtype))``, the pattern of Triton's grouped-GEMM tutorial), so one
   launch covers any number of tensors: there is no 4 KB kernel-argument limit as in torch's fused Adam
   (36 tensors / 320 blocks per launch) or apex (110 tensors).
-* ``@triton.jit`` helpers that a rule calls: :func:`block_of` (which tensor and which elements this program
-  owns, and whether the block is full), :func:`operand` (a typed pointer from a table), :func:`load` and
-  :func:`store` (fp32 in registers, masked only in a tensor's tail block, rounded to the storage dtype on the way
-  out by :func:`round_to`), :func:`last_block_of_tensor` (the per-tensor step counter protocol, below).
+* ``@triton.jit`` helpers that a rule calls: :func:`block_of` (which tensor and which block this program owns,
+  and whether the block is full), :func:`piece` (the offsets and mask of one SUB-element piece of the block),
+  :func:`operand` (a typed pointer from a table), :func:`load` and :func:`store` (fp32 in registers, masked only
+  in a tensor's tail block, rounded to the storage dtype on the way out by :func:`round_to`),
+  :func:`last_block_of_tensor` (the per-tensor step counter protocol, below).
   A rule writes its element math once, as a ``@triton.jit`` function with a ``MASKED`` flag, and its kernel
-  calls it twice: for full blocks (unmasked, vectorized) and for the tail block.
+  calls it in two loops over the pieces of its block: for a full block (unmasked, vectorized) and for the tail
+  block of a tensor (masked, only the pieces that hold elements).
 * :func:`launch`: one launch over the block map; :func:`segment_sum`: deterministic per-segment sums of per-block
   partials (per-tensor norms, row/column statistics), a visible step between passes.
 
@@ -44,7 +46,20 @@ import triton.language as tl
 
 from fused_optim.tables import DEFAULT_BLOCK, TensorTable, storage_key  # noqa: F401  (re-exported)
 
-# 4 warps x 32 threads with BLOCK = 4096: 32 elements (eight 16-byte vectors of fp32) per thread.
+# The shape of a block-map program (Adam, LAMB, the global grad norm): a BLOCK = 4096-element block walked in
+# SUB_BLOCK = 1024-element pieces by BLOCK_WARPS = 8 warps, so each of the 256 threads handles one 16-byte vector of
+# fp32 per operand per piece, four pieces per block: the shape of the native CUDA engine (csrc/multi_tensor.cuh),
+# which reached 0.975 (Adam) and 0.978 (LAMB) of copy bandwidth on the H100. The whole block in registers at once
+# (4 warps, 32 elements per thread, as until 2026-11-23) compiled to 254-255 registers per thread for Adam and
+# LAMB's pass 1 (ptxas -v, sm_90): two programs per SM; those kernels reached 0.918 and 0.810. In a piece loop the
+# same kernels compile to under 64 registers (benchmarks/triton_num_warps.py compares the shapes on a GPU).
+BLOCK_WARPS = 8
+SUB_BLOCK = 1024
+# The tile-map kernels (Adafactor's passes): 8 warps, 16 elements of a 32 x 128 tile per thread. With 4 warps
+# (until 2026-11-23) ptxas capped the three passes at 255 registers and spilled 96-140 bytes per thread to local
+# memory (sm_90); with 8 they take 182-214 registers and spill nothing.
+TILE_WARPS = 8
+# Everything else (segment sums, the statistics pass): 4 warps.
 NUM_WARPS = 4
 
 _TORCH_TO_TL = {
@@ -70,15 +85,24 @@ def interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def block_of(block_tensor, block_start, numels, BLOCK: tl.constexpr):
-    """The tensor index, 64-bit element offsets and mask of the elements this program owns, and whether the
-    block is full (then the rule loads and stores without a mask, which lets the compiler vectorize)."""
+    """The tensor index ``t`` of this program's block, the block's first element ``start`` (int64: tensors of more
+    than 2**31 elements are addressed completely), the tensor's element count ``n``, and whether the block is full
+    (then the rule loads and stores without a mask, which lets the compiler vectorize)."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
-    # int64 offsets: tensors of more than 2**31 elements are addressed completely.
     start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
     n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    return t, offs, offs < n, start + BLOCK <= n
+    return t, start, n, start + BLOCK <= n
+
+
+@triton.jit
+def piece(start, k, n, SUB: tl.constexpr):
+    """64-bit offsets and mask of the SUB elements at ``start + k`` (``k`` a multiple of SUB): one piece of a block.
+    Iterate ``for k in range(0, BLOCK, SUB)`` over a full block and ``for k in range(0, (n - start).to(tl.int32),
+    SUB)`` over a tensor's tail block, shorter than BLOCK (a zero-size tensor's block has no piece)."""
+    base = tl.multiple_of(start + k, SUB)
+    offs = base + tl.arange(0, SUB).to(tl.int64)
+    return offs, offs < n
 
 
 @triton.jit
@@ -152,22 +176,26 @@ LAUNCHES = {"count": 0}  # counted by tests: the number of launches must not gro
 COMPILE_ONLY = None
 
 
-def launch_grid(kernel, grid, args, constexprs: dict) -> None:
-    """Every launch of the engine goes through here. FP contraction is off: ``a * b + c`` is two IEEE-rounded
-    ops on the GPU as in the interpreter; a rule that wants an FMA (to round as torch does) writes ``tl.fma``."""
+def launch_grid(kernel, grid, args, constexprs: dict, num_warps: int | None = None) -> None:
+    """Every launch of the engine goes through here (``num_warps``: NUM_WARPS unless given). FP contraction is
+    off: ``a * b + c`` is two IEEE-rounded ops on the GPU as in the interpreter; a rule that wants an FMA (to round
+    as torch does) writes ``tl.fma``."""
     LAUNCHES["count"] += 1
+    warps = NUM_WARPS if num_warps is None else num_warps
     if COMPILE_ONLY is not None:
-        COMPILE_ONLY(kernel, args, constexprs)
+        COMPILE_ONLY(kernel, args, constexprs, warps)
         return
-    kernel[grid](*args, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
+    kernel[grid](*args, num_warps=warps, enable_fp_fusion=False, **constexprs)
 
 
 def launch(kernel, table: TensorTable, *args, **constexprs):
-    """Launch ``kernel`` once over the whole block map of ``table``; the table's numels, block map and arrival
-    counters follow ``args``, and BLOCK/ALIGNED are added to the constexprs."""
+    """Launch ``kernel`` once over the whole block map of ``table`` with BLOCK_WARPS warps per program; the
+    table's numels, block map and arrival counters follow ``args``, and BLOCK, SUB (SUB_BLOCK, or the block when it
+    is smaller) and ALIGNED are added to the constexprs."""
     launch_grid(kernel, (table.n_blocks,),
                 (*args, table.numels, table.block_tensor, table.block_start, table.arrivals),
-                dict(BLOCK=table.block, ALIGNED=table.aligned, **constexprs))
+                dict(BLOCK=table.block, SUB=min(SUB_BLOCK, table.block), ALIGNED=table.aligned, **constexprs),
+                num_warps=BLOCK_WARPS)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -348,12 +376,12 @@ def segment_sums(partials: torch.Tensor, seg_start: torch.Tensor, out: torch.Ten
 
 
 def launch_tiles(kernel, table: TileTable, *args, **constexprs) -> None:
-    """Launch ``kernel`` once over the whole tile map of ``table``: one program per tile. The tile map and the
-    arrival counters follow ``args``; TILE_R, TILE_C, ALIGNED and COL_MULTIPLE are added to the constexprs."""
+    """Launch ``kernel`` once over the whole tile map of ``table``: one program of TILE_WARPS warps per tile. The
+    tile map and the arrival counters follow ``args``; TILE_R, TILE_C, ALIGNED and COL_MULTIPLE are added to the constexprs."""
     tile_r, tile_c = table.tile
     launch_grid(kernel, (table.n_tiles,), (*args, table.tile_tensor, table.meta, table.arrivals),
                 dict(TILE_R=tile_r, TILE_C=tile_c, ALIGNED=table.aligned, COL_MULTIPLE=table.col_multiple,
-                     **constexprs))
+                     **constexprs), num_warps=TILE_WARPS)
 
 
 def launch_stats(kernel, table: TileTable, *args, **constexprs) -> None:

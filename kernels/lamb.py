@@ -30,8 +30,9 @@ Per-tensor steps (kernels/engine.py, "Per-tensor step counters"): every pass rea
 only the last pass of the step (APPLY or FUSED) writes it, through ``engine.last_block_of_tensor``. found_inf
 skips every pass, so a skipped step leaves params, state and steps untouched.
 
-Determinism: each block sums its squares with ``tl.sum`` (a fixed tree for a compiled kernel) into its own slot
-of ``partials``; ``engine.segment_sum`` adds each tensor's slots in a fixed order. No float atomics: the same
+Determinism: each block walks its elements in pieces of SUB (kernels/engine.py); each lane adds its squares in piece
+order, then ``tl.sum`` (a fixed tree for a compiled kernel) writes the block's sum into its own slot of
+``partials``; ``engine.segment_sum`` adds each tensor's slots in a fixed order. No float atomics: the same
 inputs give bitwise the same norms, ratios and params on every run.
 
 The scalars (bias corrections, trust ratio, γ r) are computed in fp64 from fp64 hyperparameters and rounded to
@@ -74,7 +75,8 @@ def _lamb_block(
     MASKED: tl.constexpr, PHASE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, MASTER: tl.constexpr,
     UNSCALE: tl.constexpr, GRAD_CLIP: tl.constexpr,
 ):
-    """One block of one pass. Returns the block's Σθ² and Σu² (NORMS; zeros otherwise)."""
+    """One piece of a block in one pass. Returns the piece's θ² and u² per element (NORMS: 0 in lanes past the
+    tensor's end; unused by the other passes)."""
     theta_ptr = master if MASTER else param
     theta = engine.load(theta_ptr, offs, mask, MASKED)
     if PHASE == APPLY:
@@ -95,22 +97,18 @@ def _lamb_block(
 
     u = _direction(theta, m, v, bc1, bc2, eps, wd, BIAS_CORRECTION)
 
-    sq_theta = tl.full([], 0.0, tl.float32)
-    sq_u = tl.full([], 0.0, tl.float32)
+    tt = theta * theta
+    uu = u * u
     if PHASE == NORMS:
-        tt = theta * theta
-        uu = u * u
         if MASKED:  # lanes past the tensor's end hold no element
             tt = tl.where(mask, tt, 0.0)
             uu = tl.where(mask, uu, 0.0)
-        sq_theta = tl.sum(tt, axis=0)
-        sq_u = tl.sum(uu, axis=0)
     else:
         theta = tl.fma(coef, u, theta)  # the reference's theta.add_(u, alpha=-γr): one FMA
         engine.store(theta_ptr, offs, theta, mask, MASKED)
         if MASTER:
             engine.store(param, offs, theta, mask, MASKED)  # the bf16/fp16 param, rounded once from the master
-    return sq_theta, sq_u
+    return tt, uu
 
 
 @triton.jit
@@ -121,7 +119,7 @@ def _lamb_kernel(
     clip_lo: tl.float64, clip_hi: tl.float64,
     grad_scale_ptr, found_inf_ptr, grad_clip_ptr,
     numels, block_tensor, block_start, arrivals,
-    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, PHASE: tl.constexpr,
     BIAS_CORRECTION: tl.constexpr, MASTER: tl.constexpr, LR_ON_DEVICE: tl.constexpr, UNSCALE: tl.constexpr,
     SKIP_IF_INF: tl.constexpr, GRAD_CLIP: tl.constexpr, TRUST_CLIP: tl.constexpr,
@@ -138,7 +136,7 @@ def _lamb_kernel(
     if SKIP_IF_INF:  # GradScaler found an inf/NaN: every pass is skipped, step counts included
         skip = tl.load(found_inf_ptr).to(tl.float32)
     if skip == 0.0:
-        t, offs, mask, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
+        t, start, n, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
         step_ptr = engine.operand(step_ptrs, t, tl.float32, False)
         step = tl.load(step_ptr) + 1.0  # every pass uses step + 1; only the last pass writes it
 
@@ -179,17 +177,30 @@ def _lamb_kernel(
         scalars = (grad_scale_ptr, grad_clip, bc1, bc2, coef, weight_decay.to(tl.float32),
                    beta1.to(tl.float32), (1.0 - beta1).to(tl.float32),
                    beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), eps.to(tl.float32))
+        # NORMS: each lane of the piece adds its element's squares in piece order, then one tl.sum per quantity.
+        acc_theta = tl.zeros([SUB], tl.float32)
+        acc_u = tl.zeros([SUB], tl.float32)
         if full:
-            sq_theta, sq_u = _lamb_block(param, grad, exp_avg, exp_avg_sq, master, offs, mask, *scalars,
-                                         False, PHASE, BIAS_CORRECTION, MASTER, UNSCALE, GRAD_CLIP)
+            for k in range(0, BLOCK, SUB):
+                offs, mask = engine.piece(start, k, n, SUB)
+                tt, uu = _lamb_block(param, grad, exp_avg, exp_avg_sq, master, offs, mask, *scalars,
+                                     False, PHASE, BIAS_CORRECTION, MASTER, UNSCALE, GRAD_CLIP)
+                if PHASE == NORMS:
+                    acc_theta += tt
+                    acc_u += uu
         else:
-            sq_theta, sq_u = _lamb_block(param, grad, exp_avg, exp_avg_sq, master, offs, mask, *scalars,
-                                         True, PHASE, BIAS_CORRECTION, MASTER, UNSCALE, GRAD_CLIP)
+            for k in range(0, (n - start).to(tl.int32), SUB):
+                offs, mask = engine.piece(start, k, n, SUB)
+                tt, uu = _lamb_block(param, grad, exp_avg, exp_avg_sq, master, offs, mask, *scalars,
+                                     True, PHASE, BIAS_CORRECTION, MASTER, UNSCALE, GRAD_CLIP)
+                if PHASE == NORMS:
+                    acc_theta += tt
+                    acc_u += uu
 
         if PHASE == NORMS:
             pid = tl.program_id(0)
-            tl.store(partial_theta + pid, sq_theta)
-            tl.store(partial_u + pid, sq_u)
+            tl.store(partial_theta + pid, tl.sum(acc_theta, axis=0))
+            tl.store(partial_u + pid, tl.sum(acc_u, axis=0))
         else:
             if engine.last_block_of_tensor(arrivals, t, numels, BLOCK):
                 tl.store(step_ptr, step)
@@ -249,35 +260,39 @@ lamb.OPERANDS = OPERANDS
 # The global gradient norm (max_grad_norm): one read of every grad, per-block partial sums, one segment sum.
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _grad_sq_block(grad, offs, mask, grad_scale_ptr, MASKED: tl.constexpr, UNSCALE: tl.constexpr):
+def _grad_sq_piece(grad, offs, mask, grad_scale_ptr, MASKED: tl.constexpr, UNSCALE: tl.constexpr):
     g = engine.load(grad, offs, mask, MASKED)
     if UNSCALE:
         g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))  # the g of pass 1, bitwise
     gg = g * g
     if MASKED:
         gg = tl.where(mask, gg, 0.0)
-    return tl.sum(gg, axis=0)
+    return gg
 
 
 @triton.jit
 def _grad_sq_kernel(
     grad_ptrs, partials, grad_scale_ptr, found_inf_ptr,
     numels, block_tensor, block_start, arrivals,
-    BLOCK: tl.constexpr, ALIGNED: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     UNSCALE: tl.constexpr, SKIP_IF_INF: tl.constexpr,
 ):
-    acc = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([SUB], tl.float32)  # summed as pass 1 sums θ²: lane-wise over the pieces, then one tl.sum
     skip = 0.0
     if SKIP_IF_INF:  # the step is skipped: read nothing, contribute 0
         skip = tl.load(found_inf_ptr).to(tl.float32)
     if skip == 0.0:
-        t, offs, mask, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
+        t, start, n, full = engine.block_of(block_tensor, block_start, numels, BLOCK)
         grad = engine.operand(grad_ptrs, t, GRAD_DTYPE, ALIGNED)
         if full:
-            acc = _grad_sq_block(grad, offs, mask, grad_scale_ptr, False, UNSCALE)
+            for k in range(0, BLOCK, SUB):
+                offs, mask = engine.piece(start, k, n, SUB)
+                acc += _grad_sq_piece(grad, offs, mask, grad_scale_ptr, False, UNSCALE)
         else:
-            acc = _grad_sq_block(grad, offs, mask, grad_scale_ptr, True, UNSCALE)
-    tl.store(partials + tl.program_id(0), acc)
+            for k in range(0, (n - start).to(tl.int32), SUB):
+                offs, mask = engine.piece(start, k, n, SUB)
+                acc += _grad_sq_piece(grad, offs, mask, grad_scale_ptr, True, UNSCALE)
+    tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 def grad_sq_norm(table: engine.TensorTable, *, grad_dtype, grad_scale=None, found_inf=None) -> torch.Tensor:
