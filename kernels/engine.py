@@ -56,8 +56,8 @@ from fused_optim.tables import DEFAULT_BLOCK, TensorTable, storage_key  # noqa: 
 BLOCK_WARPS = 8
 SUB_BLOCK = 1024
 # The tile-map kernels (Adafactor's passes): 8 warps, 16 elements of a 32 x 128 tile per thread. With 4 warps
-# (until 2026-11-23) ptxas capped the three passes at 255 registers and spilled 96-140 bytes per thread to local
-# memory (sm_90); with 8 they take 182-214 registers and spill nothing.
+# (until 2026-11-23) ptxas capped the three passes at 255 registers and spilled 96-504 bytes per thread to local
+# memory (sm_90); with 8 they take 178-222 registers and spill nothing (compile_check --resources checks it).
 TILE_WARPS = 8
 # Everything else (segment sums, the statistics pass): 4 warps.
 NUM_WARPS = 4
