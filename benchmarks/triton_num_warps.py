@@ -12,8 +12,8 @@ AdamW and the native backend as references, each as the median of ``triton.testi
 sweep: it changes globals of the engine. A shape sums LAMB's norms in a chain of (4096 / S - 1) + S / (32 W) +
 log2(min(S, 32 W)) additions per block at most (the first piece adds to zero), within the 39 that
 fused_optim/testing.py's bounds assume for every shape listed here (4x4096: 0 + 32 + 7). ``--tile-warps`` times
-the Adafactor tile passes at other warps per 32 x 128 tile (kernels/engine.TILE_WARPS; 4 spilled registers on
-sm_90, 8 does not); Adafactor's bounds do not depend on the order of its sums.
+the Adafactor tile passes at other warps per 32 x 128 tile (kernels/engine.TILE_WARPS; 4 spilled registers with odd
+column counts on sm_90, 8 does not); Adafactor's bounds do not depend on the order of its sums.
 """
 from __future__ import annotations
 

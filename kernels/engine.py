@@ -55,9 +55,11 @@ from fused_optim.tables import DEFAULT_BLOCK, TensorTable, storage_key  # noqa: 
 # same kernels compile to under 64 registers (benchmarks/triton_num_warps.py compares the shapes on a GPU).
 BLOCK_WARPS = 8
 SUB_BLOCK = 1024
-# The tile-map kernels (Adafactor's passes): 8 warps, 16 elements of a 32 x 128 tile per thread. With 4 warps
-# (until 2026-11-23) ptxas capped the three passes at 255 registers and spilled 96-504 bytes per thread to local
-# memory (sm_90); with 8 they take 178-222 registers and spill nothing (compile_check --resources checks it).
+# The tile-map kernels (Adafactor's passes): 8 warps, 16 elements of a 32 x 128 tile per thread (ptxas -v, sm_90).
+# Where every matrix's column count is a multiple of 16 (COL_MULTIPLE = 16, rows as 16-byte vectors: GPT-2's shapes)
+# the passes take 76-105 registers at 8 warps, 128-151 at 4 (until 2026-11-23). With an odd column count
+# (COL_MULTIPLE = 1, element-wise 64-bit offsets) 4 warps hit the 255-register cap and spilled 96-504 bytes per
+# thread to local memory; 8 warps take 178-222 registers and spill nothing (compile_check --resources checks it).
 TILE_WARPS = 8
 # Everything else (segment sums, the statistics pass): 4 warps.
 NUM_WARPS = 4
