@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import threading
+from itertools import repeat
+from operator import is_not
 
 import torch
 from torch import Tensor
@@ -294,15 +296,14 @@ def _check_tile_layout() -> None:
         _tile_layout_checked = True
 
 
-def _compact(operands: dict, name: str, matrices: bool) -> list:
-    """The ``name`` states of the params with elements that are matrices (``matrices``: exp_avg_sq_row/col) or flat
-    (exp_avg_sq), in param order: the ops take these states as compact lists (a zero-size param has none to
-    update)."""
-    picked = [i for i, p in enumerate(operands["param"]) if p.numel() > 0 and (p.dim() >= 2) == matrices]
+def _compact(operands: dict, name: str, index: tuple) -> list:
+    """The ``name`` states of the params at ``index`` (the table's ``matrices`` for exp_avg_sq_row/col, its
+    ``flats`` for exp_avg_sq), in param order: the ops take these states as compact lists (a zero-size param has
+    none to update)."""
     tensors = operands[name]
-    out = [tensors[i] for i in picked]
-    if any(t is None for t in out):
-        i = next(i for i in picked if tensors[i] is None)
+    out = list(map(tensors.__getitem__, index))
+    if not all(map(is_not, out, repeat(None))):
+        i = index[next(k for k, t in enumerate(out) if t is None)]
         raise RuntimeError(f"fused_optim: tensor {i} of a launch group has no {name!r} state; re-create the optimizer "
                            f"state (or load a state_dict that has {name!r} for every param of that rank)")
     return out
@@ -324,9 +325,9 @@ def adafactor(table: TileTable, operands: dict, hp: dict, *, grad_scale=None, fo
     tables = [table.ptrs[name] for name in ADAFACTOR_OPERANDS]
     masters = _present(operands, "master_param", operands["master_param"][0] is not None)
     exp_avgs = _present(operands, "exp_avg", hp["beta1"] is not None)
-    rows = _compact(operands, "exp_avg_sq_row", matrices=True)
-    cols = _compact(operands, "exp_avg_sq_col", matrices=True)
-    sqs = _compact(operands, "exp_avg_sq", matrices=False)
+    rows = _compact(operands, "exp_avg_sq_row", table.matrices)
+    cols = _compact(operands, "exp_avg_sq_col", table.matrices)
+    sqs = _compact(operands, "exp_avg_sq", table.flats)
     lr = hp["lr"]
     lr_tensor = lr if isinstance(lr, Tensor) and not hp["relative_step"] else None
     lr_value = None if lr is None or lr_tensor is not None else float(lr)

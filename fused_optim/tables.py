@@ -180,6 +180,8 @@ class TileTable:
     tile: tuple  # (TILE_R, TILE_C)
     aligned: bool  # every address is a multiple of 16 bytes
     col_multiple: int  # every matrix's m (and TILE_C) is a multiple of this power of two (<= 16)
+    matrices: tuple = ()  # indices of the matrix tensors (row and column statistics), in tensor order
+    flats: tuple = ()  # indices of the flat tensors with elements (a zero-size tensor has nothing to update)
     work: dict = field(default_factory=dict)
     _host: torch.Tensor | None = None
 
@@ -219,7 +221,7 @@ class TileTable:
         if any(len(lst) != count for lst in lists) or len(matrix) != count:
             raise ValueError("every operand list of a TileTable, and matrix, need one entry per tensor")
 
-        meta, row_lens, col_lens, batch_lens, stat_owner = [], [], [], [], []
+        meta, row_lens, col_lens, batch_lens, stat_owner, matrices, flats = [], [], [], [], [], [], []
         tiles_total = rows_total = cols_total = batches_total = rowp_total = colp_total = 0
         col_multiple = 16
         for i, t in enumerate(lists[0]):
@@ -236,6 +238,7 @@ class TileTable:
             meta.append([numel, b, n, m, rt, ct, tiles, tiles_total, rows_total, cols_total, batches_total,
                          rowp_total, colp_total, int(is_matrix)])
             tiles_total += tiles
+            (matrices if is_matrix else flats if numel > 0 else []).append(i)
             if is_matrix:
                 row_lens.append(torch.full((b * n,), ct, dtype=torch.int64))
                 col_lens.append(torch.full((b * m,), rt, dtype=torch.int64))
@@ -300,5 +303,7 @@ class TileTable:
             tile=(tile_r, tile_c),
             aligned=all(int(v) % 16 == 0 for a in addrs for v in a.tolist()),
             col_multiple=math.gcd(col_multiple, tile_c),
+            matrices=tuple(matrices),
+            flats=tuple(flats),
             _host=host if device.type == "cuda" else None,
         )

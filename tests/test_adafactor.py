@@ -286,6 +286,18 @@ def test_factored_state_is_rows_plus_columns(backend):
     assert scratch < numel / 4
 
 
+def test_tile_table_names_its_matrix_and_flat_tensors():
+    """TileTable.factored keeps which tensors carry row/column statistics (rank >= 2 with elements) and which are
+    flat with elements: the native launcher takes the factored and unfactored states in these orders."""
+    from fused_optim.tables import TILE_META_FIELDS, TileTable
+
+    shapes = [(), (0,), (0, 5), (3, 4), (7,), (2, 3, 4), (1, 1)]
+    table = TileTable.factored({"param": [torch.zeros(s) for s in shapes]}, torch.device("cpu"))
+    assert table.matrices == (3, 5, 6) and table.flats == (0, 4)
+    matrix_flags = table.meta[:, list(TILE_META_FIELDS).index("matrix")].tolist()
+    assert [i for i, f in enumerate(matrix_flags) if f] == list(table.matrices)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reruns_are_bitwise_equal(backend):
     """Row/column statistics and RMS sums are reduced in a fixed order: two runs agree bit for bit."""
