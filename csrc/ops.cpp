@@ -5,7 +5,8 @@
 //                      Tensor[] tables, Tensor numels, Tensor block_tensor, Tensor block_start, Tensor(h!) arrivals,
 //                      int block, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps,
 //                      float weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-//                      Tensor? grad_scale, Tensor? found_inf) -> ()
+//                      Tensor? grad_scale, Tensor? found_inf, ScalarType? param_dtype=None,
+//                      ScalarType? grad_dtype=None, bool master=False) -> ()
 //
 // One Adam/AdamW step on every tensor of a launch group, in place. The tensor lists declare to the dispatcher
 // what is mutated and on which device (so torch.compile, functionalization and CUDA graphs see a mutating op);
@@ -16,7 +17,9 @@
 // fp32 master weights (their address table then holds zeros otherwise). `lr_tensor`, when given, is read by the
 // kernel instead of `lr` (1 element, fp32 or fp64, on the params' device). `grad_scale`: the grads are divided
 // by it and written back unscaled. `found_inf`: nonzero skips the whole step, steps included. Both are
-// GradScaler's 1-element fp32 tensors on the params' device. Nothing is read back to the host.
+// GradScaler's 1-element fp32 tensors on the params' device. Nothing is read back to the host. A table-only launch
+// (ops_common.h, TablesOnly: the optimizer's step plan has checked the tensors against the tables this step) passes
+// every list empty and states `param_dtype`, `grad_dtype` and `master` (fp32 master weights) instead.
 //
 //   fused_optim::build_info() -> str
 //
@@ -43,12 +46,14 @@ void adam_cpu_op(at::TensorList params, at::TensorList grads, at::TensorList exp
                  const at::Tensor& block_start, const at::Tensor& arrivals, int64_t block, double lr,
                  const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                  double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (params.empty()) return;
+                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                 std::optional<at::ScalarType> param_dtype, std::optional<at::ScalarType> grad_dtype, bool master) {
+  if (params.empty() && !param_dtype && !grad_dtype && !master) return;  // nothing to update
   const AdamLaunch l = make_adam_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
                                         tables, numels, block_tensor, block_start, arrivals, block, lr, lr_tensor,
                                         beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                                        grad_scale, found_inf, /*host_tables=*/true);
+                                        grad_scale, found_inf, TablesOnly{param_dtype, grad_dtype, master},
+                                        /*host_tables=*/true);
   adam_cpu(l);
 }
 
@@ -77,7 +82,8 @@ TORCH_LIBRARY(fused_optim, m) {
       "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] master_params, Tensor(g!)[] steps, Tensor[] tables, "
       "Tensor numels, Tensor block_tensor, Tensor block_start, Tensor(h!) arrivals, int block, float lr, "
       "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, "
-      "bool decoupled_weight_decay, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "bool decoupled_weight_decay, Tensor? grad_scale, Tensor? found_inf, ScalarType? param_dtype=None, "
+      "ScalarType? grad_dtype=None, bool master=False) -> ()");
   m.def("build_info() -> str", &fused_optim::build_info);
 }
 

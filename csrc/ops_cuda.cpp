@@ -16,13 +16,15 @@ void adam_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList ex
                   const at::Tensor& block_start, const at::Tensor& arrivals, int64_t block, double lr,
                   const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
                   double weight_decay, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (params.empty()) return;
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  std::optional<at::ScalarType> param_dtype, std::optional<at::ScalarType> grad_dtype, bool master) {
+  if (params.empty() && !param_dtype && !grad_dtype && !master) return;  // nothing to update
   const AdamLaunch l = make_adam_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
                                         tables, numels, block_tensor, block_start, arrivals, block, lr, lr_tensor,
                                         beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                                        grad_scale, found_inf, /*host_tables=*/false);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+                                        grad_scale, found_inf, TablesOnly{param_dtype, grad_dtype, master},
+                                        /*host_tables=*/false);
+  const c10::cuda::CUDAGuard guard(numels.device());
   const char* error = adam_cuda(l, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(error == nullptr, "fused_optim::adam_ CUDA launch failed: ", error);
 }

@@ -7,7 +7,8 @@
 //                      Tensor block_tensor, Tensor block_start, Tensor(g!) arrivals, int block, int phase, float lr,
 //                      Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay,
 //                      bool bias_correction, bool trust_clip, float clip_lo, float clip_hi, Tensor? grad_clip,
-//                      Tensor(h!)? partials, Tensor? sums, Tensor? grad_scale, Tensor? found_inf) -> ()
+//                      Tensor(h!)? partials, Tensor? sums, Tensor? grad_scale, Tensor? found_inf,
+//                      ScalarType? param_dtype=None, ScalarType? grad_dtype=None, bool master=False) -> ()
 //
 // One pass of a LAMB step (csrc/lamb_rule.h) over every tensor of a launch group, in place; a step is
 // phase 0 (pass 1: moments, per-block Σθ² and Σu² into `partials` [2, n_blocks]), segment_sum of the partials per
@@ -19,6 +20,7 @@
 // c = min(1, max_grad_norm / G) (1 element, fp64 or fp32, rounded to fp32), multiplies the grads of the passes
 // that read them. `grad_scale`: the pass that reads the grads divides them by it and writes them back.
 // `found_inf`: nonzero skips every pass (pass 1 then writes zero partials). Nothing is read back to the host.
+// `param_dtype`, `grad_dtype`, `master`: a table-only launch, every list empty (as adam_, ops.cpp).
 //
 //   fused_optim::grad_sq_(Tensor[] grads, Tensor grad_table, Tensor numels, Tensor block_tensor,
 //                         Tensor block_start, Tensor(a!) arrivals, int block, Tensor? grad_scale, Tensor? found_inf,
@@ -49,12 +51,14 @@ void lamb_cpu_op(at::TensorList params, at::TensorList grads, at::TensorList exp
                  double beta2, double eps, double weight_decay, bool bias_correction, bool trust_clip, double clip_lo,
                  double clip_hi, const std::optional<at::Tensor>& grad_clip, const std::optional<at::Tensor>& partials,
                  const std::optional<at::Tensor>& sums, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
-  if (params.empty()) return;
+                 const std::optional<at::Tensor>& found_inf,
+                 std::optional<at::ScalarType> param_dtype, std::optional<at::ScalarType> grad_dtype, bool master) {
+  if (params.empty() && !param_dtype && !grad_dtype && !master) return;  // nothing to update
   const LambLaunch l = make_lamb_launch(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, tables, numels,
                                         block_tensor, block_start, arrivals, block, phase, lr, lr_tensor, beta1, beta2,
                                         eps, weight_decay, bias_correction, trust_clip, clip_lo, clip_hi, grad_clip,
-                                        partials, sums, grad_scale, found_inf, /*host_tables=*/true);
+                                        partials, sums, grad_scale, found_inf,
+                                        TablesOnly{param_dtype, grad_dtype, master}, /*host_tables=*/true);
   lamb_cpu(l);
 }
 
@@ -84,7 +88,7 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "Tensor block_start, Tensor(g!) arrivals, int block, int phase, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool bias_correction, bool trust_clip, float clip_lo, "
       "float clip_hi, Tensor? grad_clip, Tensor(h!)? partials, Tensor? sums, Tensor? grad_scale, "
-      "Tensor? found_inf) -> ()");
+      "Tensor? found_inf, ScalarType? param_dtype=None, ScalarType? grad_dtype=None, bool master=False) -> ()");
   m.def(
       "grad_sq_(Tensor[] grads, Tensor grad_table, Tensor numels, Tensor block_tensor, Tensor block_start, "
       "Tensor(a!) arrivals, int block, Tensor? grad_scale, Tensor? found_inf, Tensor(b!) partials) -> ()");

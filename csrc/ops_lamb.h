@@ -37,34 +37,35 @@ inline LambLaunch make_lamb_launch(at::TensorList params, at::TensorList grads, 
                                    const std::optional<at::Tensor>& grad_clip,
                                    const std::optional<at::Tensor>& partials, const std::optional<at::Tensor>& sums,
                                    const std::optional<at::Tensor>& grad_scale,
-                                   const std::optional<at::Tensor>& found_inf, bool host_tables) {
+                                   const std::optional<at::Tensor>& found_inf, const TablesOnly& only,
+                                   bool host_tables) {
   constexpr const char* op = "fused_optim::lamb_";
-  const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(n > 0, op, ": params is empty");
   TORCH_CHECK(phase == kLambNorms || phase == kLambApply || phase == kLambFused, op, ": phase must be ", kLambNorms,
               " (pass 1: moments and partial norms), ", kLambApply, " (pass 2: update with the trust ratio) or ",
               kLambFused, " (one pass, no layer adaptation), got ", phase);
-  const at::Device device = params[0].device();
-  const bool master = !master_params.empty();
-  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, op, ": grads has ", grads.size(), " tensors but params has ",
-              n, "; pass one per param");
+  const LaunchGroup g = launch_group(op, only, params, grads, master_params, {exp_avgs, exp_avg_sqs, steps}, numels);
+  const int64_t n = g.n;
+  const at::Device device = g.device;
+  const bool master = g.master;
 
   LambLaunch l{};
   l.phase = static_cast<int>(phase);
-  l.param_dtype = dtype_of(params[0], "params", 0, op);
-  l.grad_dtype = dtype_of(grads[0], "grads", 0, op);
+  l.param_dtype = g.param_dtype;
+  l.grad_dtype = g.grad_dtype;
   TORCH_CHECK(!master || l.param_dtype != DType::kFloat32, op,
               ": master_params were given for float32 params; master weights are fp32 copies of bfloat16/float16 "
               "params (pass an empty list)");
-  check_list(params, "params", n, device, params[0].scalar_type(), params, false, op);
-  check_list(grads, "grads", n, device, grads[0].scalar_type(), params, false, op);
-  check_list(exp_avgs, "exp_avgs", n, device, at::kFloat, params, false, op);
-  check_list(exp_avg_sqs, "exp_avg_sqs", n, device, at::kFloat, params, false, op);
-  if (master) check_list(master_params, "master_params", n, device, at::kFloat, params, false, op);
-  check_list(steps, "steps", n, device, at::kFloat, params, true, op);
+  if (!g.tables_only) {
+    check_list(params, "params", n, device, params[0].scalar_type(), params, false, op);
+    check_list(grads, "grads", n, device, grads[0].scalar_type(), params, false, op);
+    check_list(exp_avgs, "exp_avgs", n, device, at::kFloat, params, false, op);
+    check_list(exp_avg_sqs, "exp_avg_sqs", n, device, at::kFloat, params, false, op);
+    if (master) check_list(master_params, "master_params", n, device, at::kFloat, params, false, op);
+    check_list(steps, "steps", n, device, at::kFloat, params, true, op);
+  }
   const at::TensorList lists[] = {params, grads, exp_avgs, exp_avg_sqs, master_params, steps};
   l.map = check_block_map(op, kLambOperands.data(), lists, kLambOperands.size(), tables, numels, block_tensor,
-                          block_start, arrivals, block, params, host_tables);
+                          block_start, arrivals, block, n, device, params, host_tables);
 
   TORCH_CHECK(partials.has_value() == (phase == kLambNorms), op, ": partials ",
               phase == kLambNorms ? "is required by" : "is only written by", " pass 1 (phase ", kLambNorms, ")");
@@ -132,8 +133,8 @@ inline GradSqLaunch make_grad_sq_launch(at::TensorList grads, const at::Tensor& 
   const char* names[] = {"grad"};
   const at::TensorList lists[] = {grads};
   const at::Tensor tables[] = {grad_table};
-  l.map = check_block_map(op, names, lists, 1, tables, numels, block_tensor, block_start, arrivals, block, grads,
-                          host_tables);
+  l.map = check_block_map(op, names, lists, 1, tables, numels, block_tensor, block_start, arrivals, block, n, device,
+                          grads, host_tables);
   l.partials = checked_buffer(partials, "partials", l.map.n_blocks, device, op, "[1, n_blocks]");
   l.args.grad = grad_table.data_ptr<int64_t>();
   l.unscale = grad_scale.has_value();

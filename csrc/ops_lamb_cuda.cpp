@@ -17,13 +17,15 @@ void lamb_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList ex
                   double beta2, double eps, double weight_decay, bool bias_correction, bool trust_clip,
                   double clip_lo, double clip_hi, const std::optional<at::Tensor>& grad_clip,
                   const std::optional<at::Tensor>& partials, const std::optional<at::Tensor>& sums,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (params.empty()) return;
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  std::optional<at::ScalarType> param_dtype, std::optional<at::ScalarType> grad_dtype, bool master) {
+  if (params.empty() && !param_dtype && !grad_dtype && !master) return;  // nothing to update
   const LambLaunch l = make_lamb_launch(params, grads, exp_avgs, exp_avg_sqs, master_params, steps, tables, numels,
                                         block_tensor, block_start, arrivals, block, phase, lr, lr_tensor, beta1, beta2,
                                         eps, weight_decay, bias_correction, trust_clip, clip_lo, clip_hi, grad_clip,
-                                        partials, sums, grad_scale, found_inf, /*host_tables=*/false);
-  const c10::cuda::CUDAGuard guard(params[0].device());
+                                        partials, sums, grad_scale, found_inf,
+                                        TablesOnly{param_dtype, grad_dtype, master}, /*host_tables=*/false);
+  const c10::cuda::CUDAGuard guard(numels.device());
   const char* error = lamb_cuda(l, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(error == nullptr, "fused_optim::lamb_ CUDA launch failed: ", error);
 }

@@ -303,4 +303,9 @@ def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, fo
 def _run_native(bucket, rule, hp, tables, grad_scale, found_inf):
     launcher = native.RULES[rule]
     operands = bucket.operands(launcher.OPERANDS)
-    launcher(_table(bucket, launcher, tables), operands, hp, grad_scale=grad_scale, found_inf=found_inf)
+    table = _table(bucket, launcher, tables)
+    extra = {}
+    if getattr(launcher, "TABLES_ONLY", False):
+        # The step plan checked this step's tensors against this very table: the operator needs no lists.
+        extra["tables_only"] = table is bucket.checked_table and operands is bucket.checked_operands
+    launcher(table, operands, hp, grad_scale=grad_scale, found_inf=found_inf, **extra)

@@ -187,37 +187,52 @@ def _present(operands: dict, name: str, needed: bool) -> list:
     return tensors
 
 
-def adam(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) -> None:
+def _lists_or_dtypes(operands: dict, names: tuple, present: dict, tables_only: bool) -> tuple:
+    """The tensor lists of an ``adam_`` / ``lamb_`` launch (``names``; ``present``: name -> whether the launch uses
+    that optional state) and the trailing ``param_dtype, grad_dtype, master`` arguments. ``tables_only``: the
+    caller (the optimizer's step plan) has checked this step that every tensor has the dtype, contiguity, size and
+    address the table holds, so the lists go empty and the dtypes are stated instead (csrc/ops_common.h,
+    TablesOnly): 1,000-tensor lists cost about 0.1 us per tensor to pass to an operator."""
+    master = operands["master_param"][0] is not None
+    if tables_only:
+        return tuple([] for _ in names) + (operands["param"][0].dtype, operands["grad"][0].dtype, master)
+    lists = tuple(_present(operands, name, present[name]) if name in present else operands[name] for name in names)
+    return lists + (None, None, False)
+
+
+def adam(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None, tables_only=False) -> None:
     """One launch of ``fused_optim::adam_`` over every tensor of ``table`` (operands as in ``ADAM_OPERANDS``).
 
     ``hp``: lr (float or a 0-d tensor on the params' device), beta1, beta2, eps, weight_decay, amsgrad, maximize,
     decoupled_weight_decay. ``grad_scale``/``found_inf``: GradScaler's tensors on the params' device, or None.
+    ``tables_only``: see ``_lists_or_dtypes``.
     """
     load()
     lr = hp["lr"]
     lr_tensor = lr if isinstance(lr, Tensor) else None
     amsgrad = bool(hp["amsgrad"])
-    master = operands["master_param"][0] is not None
+    *lists, param_dtype, grad_dtype, master = _lists_or_dtypes(
+        operands, ADAM_OPERANDS, {"max_exp_avg_sq": amsgrad, "master_param": operands["master_param"][0] is not None},
+        tables_only)
     _launch(
-        torch.ops.fused_optim.adam_,
-        operands["param"], operands["grad"], operands["exp_avg"], operands["exp_avg_sq"],
-        _present(operands, "max_exp_avg_sq", amsgrad), _present(operands, "master_param", master), operands["step"],
+        torch.ops.fused_optim.adam_, *lists,
         [table.ptrs[name] for name in ADAM_OPERANDS], table.numels, table.block_tensor, table.block_start,
         table.arrivals, table.block,
         0.0 if lr_tensor is not None else float(lr), lr_tensor,
         float(hp["beta1"]), float(hp["beta2"]), float(hp["eps"]), float(hp["weight_decay"]),
         amsgrad, bool(hp["maximize"]), bool(hp["decoupled_weight_decay"]),
-        grad_scale, found_inf,
+        grad_scale, found_inf, param_dtype, grad_dtype, master,
     )
 
 
 adam.OPERANDS = ADAM_OPERANDS
+adam.TABLES_ONLY = True  # takes tables_only (a launch checked by the step plan)
 
 LAMB_OPERANDS = ("param", "grad", "exp_avg", "exp_avg_sq", "master_param", "step")  # = kernels/lamb.py OPERANDS
 LAMB_NORMS, LAMB_APPLY, LAMB_FUSED = 0, 1, 2  # the passes of csrc/lamb_rule.h
 
 
-def lamb(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) -> None:
+def lamb(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None, tables_only=False) -> None:
     """One LAMB step over every tensor of ``table`` (operands as in ``LAMB_OPERANDS``), as kernels/lamb.py does it:
     pass 1 (moments, per-block partial sums of θ² and u²), ``segment_sum`` (per-tensor sums of squares, a separate
     step: under FSDP an all-reduce of ``sums`` over the shard group goes there), pass 2 (θ -= γ r u); or one fused
@@ -226,32 +241,34 @@ def lamb(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) ->
     ``hp``: lr (float or a 0-d tensor on the params' device), beta1, beta2, eps, weight_decay, bias_correction,
     trust_clip (None or (lo, hi)), layer_adaptation, grad_clip (None, or c = min(1, max_grad_norm / G) as a 0-d
     float64 or float32 tensor on the params' device). ``grad_scale``/``found_inf``: GradScaler's tensors, or None.
+    ``tables_only``: see ``_lists_or_dtypes``.
     """
     load()
     lr = hp["lr"]
     lr_tensor = lr if isinstance(lr, Tensor) else None
-    master = operands["master_param"][0] is not None
     clip = hp["trust_clip"]
     op = torch.ops.fused_optim.lamb_
-    head = (operands["param"], operands["grad"], operands["exp_avg"], operands["exp_avg_sq"],
-            _present(operands, "master_param", master), operands["step"],
-            [table.ptrs[name] for name in LAMB_OPERANDS], table.numels, table.block_tensor, table.block_start,
-            table.arrivals, table.block)
+    *lists, param_dtype, grad_dtype, master = _lists_or_dtypes(
+        operands, LAMB_OPERANDS, {"master_param": operands["master_param"][0] is not None}, tables_only)
+    head = (*lists, [table.ptrs[name] for name in LAMB_OPERANDS], table.numels, table.block_tensor,
+            table.block_start, table.arrivals, table.block)
     scalars = (0.0 if lr_tensor is not None else float(lr), lr_tensor,
                float(hp["beta1"]), float(hp["beta2"]), float(hp["eps"]), float(hp["weight_decay"]),
                bool(hp["bias_correction"]), clip is not None,
                0.0 if clip is None else float(clip[0]), 0.0 if clip is None else float(clip[1]), hp.get("grad_clip"))
+    tail = (param_dtype, grad_dtype, master)
     if not hp["layer_adaptation"]:
-        _launch(op, *head, LAMB_FUSED, *scalars, None, None, grad_scale, found_inf)
+        _launch(op, *head, LAMB_FUSED, *scalars, None, None, grad_scale, found_inf, *tail)
         return
     partials = torch.empty((2, table.n_blocks), dtype=torch.float32, device=table.numels.device)
-    _launch(op, *head, LAMB_NORMS, *scalars, partials, None, grad_scale, found_inf)
+    _launch(op, *head, LAMB_NORMS, *scalars, partials, None, grad_scale, found_inf, *tail)
     # Per tensor: sums[0, i] = ||θ_i||², sums[1, i] = ||u_i||² (fixed order: deterministic; sums add across shards).
     sums = segment_sum(partials, table.first_block)
-    _launch(op, *head, LAMB_APPLY, *scalars, None, sums, None, found_inf)
+    _launch(op, *head, LAMB_APPLY, *scalars, None, sums, None, found_inf, *tail)
 
 
 lamb.OPERANDS = LAMB_OPERANDS
+lamb.TABLES_ONLY = True
 
 
 def segment_sum(partials: Tensor, seg_start: Tensor) -> Tensor:

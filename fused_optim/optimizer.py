@@ -293,7 +293,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     # the grads' dtype, contiguity and addresses, the same state dicts and the addresses of every state tensor
     # used. Anything different (or raising, e.g. a sparse grad) and the step takes the full path above, which
     # checks and raises as before and records a new plan. New grad objects at new addresses keep the plan and only
-    # rebuild the table. Sharded (DTensor) and reference buckets always take the full path.
+    # rebuild the table. Sharded (DTensor) and reference buckets always take the full path. A planned bucket whose
+    # table was not rebuilt launches the native Adam and LAMB operators with their tables alone, no tensor lists
+    # (backends._run_native; csrc/ops_common.h, TablesOnly). The checks here stand in for the operator's: every
+    # address equal to the table's, and the params' and grads' dtype, shape and contiguity; a state tensor at an
+    # address of the table is taken to be the fp32 tensor the full path checked there (as the table itself does).
     def _plan_signature(self, group: dict) -> tuple:
         lr = group["lr"]
         return (group["backend"], lr.device if isinstance(lr, Tensor) else None,

@@ -214,3 +214,77 @@ def test_load_state_dict_drops_the_plan():
     assert opt._plan is None
     opt.step()
     assert opt.collects == 2
+
+
+@pytest.mark.parametrize("rule", ["adamw", "lamb"])
+def test_planned_native_launches_pass_no_tensor_lists(rule):
+    """A planned step hands the native operator its table alone (csrc/ops_common.h, TablesOnly); the full path and
+    a step whose table was rebuilt pass the lists, which the operator checks. (That both give the bits of the full
+    path is what the twin tests above check: their planned steps are table-only launches.)"""
+    from fused_optim import native
+
+    op = {"adamw": torch.ops.fused_optim.adam_, "lamb": torch.ops.fused_optim.lamb_}[rule]
+    seen = []  # per step: the params-list lengths of the rule's launches
+    launch = native._launch
+
+    def spy(fn, *args):
+        if fn is op:
+            seen[-1].append(len(args[0]))
+        launch(fn, *args)
+
+    def move_grads(opt, params):  # new addresses: the table is rebuilt, the lists are passed once
+        keep = [p.grad for p in params]
+        for p in params:
+            p.grad = p.grad.clone()
+        seen.append(keep)
+
+    native._launch = spy
+    try:
+        opt, params = _make(FACTORIES[rule], planned=True)
+        lengths = []
+        _grads(params, 0)
+        for step in range(5):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:  # new values at the same addresses (new grad objects may land elsewhere)
+                p.grad.copy_(torch.randn(p.shape, generator=gen))
+            if step == 3:
+                move_grads(opt, params)
+            seen.append([])
+            opt.step()
+            lengths.append(sorted(set(seen[-1])))
+    finally:
+        native._launch = launch
+    n = len(SHAPES)
+    assert lengths == [[n], [0], [0], [n], [0]]
+
+
+def test_table_only_launch_arguments_are_checked():
+    """param_dtype (a table-only launch) takes every list empty; grad_dtype and master come only with it."""
+    from fused_optim import native
+
+    opt, params = _make(FACTORIES["adamw"], planned=True)
+    _grads(params, 0)
+    opt.step()
+    for p in params:
+        p.grad.mul_(0.5)  # same addresses: the next step is planned on the same table
+    captured = []
+    launch = native._launch
+    native._launch = lambda fn, *args: captured.append(args)
+    try:
+        opt.step()  # planned: table-only
+    finally:
+        native._launch = launch
+    (args,) = captured
+    assert args[0] == [] and args[-3:] == (torch.float32, torch.float32, False)
+    op = torch.ops.fused_optim.adam_
+    with pytest.raises(RuntimeError, match="table-only launch .* takes every tensor list empty"):
+        op(list(params), *args[1:])
+    with pytest.raises(RuntimeError, match="grad_dtype and master describe a table-only launch"):
+        op(*args[:-3], None, torch.float32, False)
+    with pytest.raises(RuntimeError, match="param_dtype without grad_dtype"):
+        op(*args[:-3], torch.float32, None, False)
+    with pytest.raises(RuntimeError, match="param_dtype has dtype Long"):
+        op(*args[:-3], torch.int64, torch.float32, False)
+    before = [p.clone() for p in params]
+    op(*args)  # the captured table-only launch, run by hand: it updates the params
+    assert not any(torch.equal(a, b) for a, b in zip(before, params))
