@@ -36,6 +36,7 @@
 #include "cpu/multi_tensor_cpu.h"
 #include "launch.h"
 #include "ops_common.h"
+#include "plan.h"
 
 namespace fused_optim {
 namespace {
@@ -90,7 +91,8 @@ TORCH_LIBRARY(fused_optim, m) {
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adam_", &fused_optim::adam_cpu_op); }
 
 // The module object of `import fused_optim._C` (setup.py) or of the JIT build (fused_optim/native.py); importing
-// it runs the registrations above. Its name comes from the build (-DTORCH_EXTENSION_NAME=...).
+// it runs the registrations above. Its name comes from the build (-DTORCH_EXTENSION_NAME=...). Its one Python
+// function, plan_match, serves the optimizer's step plan (plan.cpp).
 #define FUSED_OPTIM_CONCAT_(a, b) a##b
 #define FUSED_OPTIM_CONCAT(a, b) FUSED_OPTIM_CONCAT_(a, b)
 #define FUSED_OPTIM_STR_(a) #a
@@ -99,7 +101,7 @@ TORCH_LIBRARY_IMPL(fused_optim, CPU, m) { m.impl("adam_", &fused_optim::adam_cpu
 extern "C" PyMODINIT_FUNC FUSED_OPTIM_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, FUSED_OPTIM_STR(TORCH_EXTENSION_NAME),
                                       "fused_optim's native backend: registers the fused_optim:: operators "
-                                      "(torch.ops.fused_optim).",
-                                      -1, nullptr};
+                                      "(torch.ops.fused_optim) and has the step plan's check (plan_match).",
+                                      -1, fused_optim::plan_methods};
   return PyModule_Create(&module);
 }

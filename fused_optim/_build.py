@@ -22,7 +22,9 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Sources relative to the csrc directory.
-CPU_SOURCES = ["ops.cpp", "cpu/adam_cpu.cpp", "cpu/adam_cpu_f32.cpp", "cpu/adam_cpu_f16.cpp", "cpu/adam_cpu_bf16.cpp"]
+# plan.cpp: the step plan's per-tensor check, a Python function of the module ops.cpp creates.
+CPU_SOURCES = ["ops.cpp", "plan.cpp", "cpu/adam_cpu.cpp", "cpu/adam_cpu_f32.cpp", "cpu/adam_cpu_f16.cpp",
+               "cpu/adam_cpu_bf16.cpp"]
 CUDA_SOURCES = ["ops_cuda.cpp", "adam_cuda.cu", "adam_cuda_f32.cu", "adam_cuda_f16.cu", "adam_cuda_bf16.cu"]
 # LAMB: its operators (ops_lamb.cpp registers them as a fragment of the library), the CPU loops and CUDA kernels.
 CPU_SOURCES += ["ops_lamb.cpp", "cpu/lamb_cpu.cpp", "cpu/lamb_cpu_f32.cpp", "cpu/lamb_cpu_f16.cpp",

@@ -3,7 +3,8 @@
 The extension (``csrc/``) registers operators with the PyTorch dispatcher (``torch.ops.fused_optim.adam_``, schema
 in csrc/ops.cpp; ``lamb_``, ``grad_sq_`` and ``segment_sum``, csrc/ops_lamb.cpp; Adafactor's ``adafactor_pass1_`` ..
 ``adafactor_pass3_`` and ``segment_sums_``, csrc/adafactor_ops.cpp) with CPU kernels and, when built with CUDA, CUDA
-kernels. It comes from one of two places:
+kernels, and has one Python function, ``plan_match`` (csrc/plan.cpp: the optimizer's step-plan check, see
+:func:`plan_match`). It comes from one of two places:
 
 1. ``fused_optim._C``, built by ``pip install --no-build-isolation [-e] .`` (setup.py);
 2. otherwise a JIT build of the same sources with ninja through :func:`torch.utils.cpp_extension.load` on first
@@ -122,6 +123,25 @@ def load():
             _error = (f"{prebuilt}, and {exc}; build it with `pip install --no-build-isolation -e .` "
                       "(needs a C++ compiler, and nvcc with a CUDA build of torch for CUDA kernels)")
             raise NativeUnavailable(_error) from exc
+
+
+_prebuilt_tried = False
+
+
+def plan_match():
+    """The extension's ``plan_match`` (csrc/plan.cpp, the step plan's per-tensor check) when the extension is
+    loaded or was built ahead of time, else None. Never JIT-builds: the optimizer asks at every planned step."""
+    global _module, _origin, _prebuilt_tried
+    if _module is None and not _prebuilt_tried and _error is None:
+        with _lock:
+            _prebuilt_tried = True
+            if _module is None:
+                try:
+                    _module = importlib.import_module("fused_optim._C")
+                    _origin = f"prebuilt: {_module.__file__}"
+                except ImportError:
+                    return None
+    return None if _module is None else _module.plan_match
 
 
 def has_cuda_kernels() -> bool:

@@ -11,7 +11,8 @@ hyperparameters its rule takes; this class does the rest, the same way for every
 3. group the tensors of each param group by (device, param dtype, grad dtype) into buckets and hand each bucket
    to its backend: one launch per bucket for the fused backends, whatever the number of tensors;
 4. read ``grad_scale`` and ``found_inf`` when a ``torch.amp.GradScaler`` sets them (``_step_supports_amp_scaling``):
-   the kernels unscale the grads and skip the whole step when ``found_inf`` is set, with no host synchronization.
+   the kernels unscale the grads and skip the whole step when ``found_inf`` is set, with no host synchronization;
+5. bump the updated params' autograd version counters, as torch's in-place updates do (``_mark_updated``).
 
 ``load_state_dict`` keeps floating-point state in fp32: torch casts every state tensor to the param's dtype,
 which would round the fp32 moments and master weights of a bf16 param to bf16.
@@ -24,8 +25,9 @@ from operator import attrgetter, is_, is_not
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
-from . import backends
+from . import backends, native
 
 
 def _dtensor_type():
@@ -54,6 +56,39 @@ def state_dtype(param: Tensor) -> torch.dtype:
 
 _GRAD, _DTYPE, _SHAPE = attrgetter("grad"), attrgetter("dtype"), attrgetter("shape")
 _PTR, _CONTIGUOUS = Tensor.data_ptr, Tensor.is_contiguous
+
+
+_MATCH, _MOVED, _CHANGED = 0, 1, 2  # what a plan check finds (csrc/plan.cpp)
+
+
+def _address_or_0(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _plan_match_py(lists: list, nullable: list, param_dtype, grad_dtype, addresses: list, shapes: list) -> int:
+    """The step plan's per-tensor check: ``lists`` are the params, the grads and the state lists a bucket's launch
+    reads (None allowed in the lists whose ``nullable`` is true); ``addresses`` those tensors' addresses (0 for None)
+    in the cached table, list by list; ``shapes`` the params' shapes. Returns ``_MATCH``, ``_MOVED`` (only
+    addresses differ: rebuild the table) or ``_CHANGED`` (another dtype, shape, contiguity or anything unexpected:
+    take the full path). ``plan_match`` of the native extension (csrc/plan.cpp) is the same check in C, used when
+    the extension is there; tests/test_step_plan.py runs both on the same cases."""
+    n = len(shapes)
+    if len(lists) < 2 or len(nullable) != len(lists) or len(addresses) != len(lists) * n:
+        return _CHANGED
+    ps, gs = lists[0], lists[1]
+    try:
+        if not (all(len(lst) == n for lst in lists)
+                and all(map(is_, map(_DTYPE, ps), repeat(param_dtype)))
+                and all(map(is_, map(_DTYPE, gs), repeat(grad_dtype)))
+                and all(map(_CONTIGUOUS, ps)) and all(map(_CONTIGUOUS, gs))
+                and list(map(_SHAPE, ps)) == shapes):
+            return _CHANGED
+        found = []
+        for lst, may_be_none in zip(lists, nullable):
+            found.extend(map(_address_or_0 if may_be_none else _PTR, lst))  # None where it may not be raises
+    except Exception:  # a non-tensor, a sparse grad, a tensor without storage
+        return _CHANGED
+    return _MATCH if found == addresses else _MOVED
 
 
 @dataclass
@@ -274,6 +309,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 hp = self._group_hyperparameters(bucket.group, dev)
                 hp.update(whole_step.get(bucket.key, {}))
                 backends.run(bucket, self.rule, hp, tables=self._tables, grad_scale=gs, found_inf=fi)
+                self._mark_updated(bucket)
         except BaseException:
             self._plan = None  # the next step takes the full path, which checks everything again
             raise
@@ -283,14 +319,27 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._record_plan(buckets)
         return loss
 
+    @staticmethod
+    def _mark_updated(bucket) -> None:
+        """Bump the autograd version counters of the params a fused launch wrote, as torch.optim's in-place updates
+        do (the reference path's torch ops bump their own): autograd then refuses a backward through a graph that
+        saved a param before this step, rather than computing gradients from the updated values. Sharded params
+        bump their DTensors too. State tensors are the optimizer's own and are not bumped (about 50 ns a tensor)."""
+        if bucket.backend != "reference":
+            increment_version(bucket.params)
+        if bucket.sharded:
+            params = bucket.group["params"]
+            increment_version([params[i] for i in bucket.index])
+
     # -- the step plan ------------------------------------------------------------------------------------------
     # With many small tensors a step is host-bound: walking every param in Python (its grad, checks, bucketing,
     # lazy state init, the operand lists, the table key) cost more than the launches. So a step that succeeded
-    # leaves a plan of its buckets, and the next step reuses them after re-reading, with one C-level ``map`` per
-    # attribute rather than Python code per param, everything the plan depends on: the same groups holding the same
-    # params (identity), the same params with grads, unchanged group options that decide the state
-    # (``state_options``), backend and lr placement; per bucket the params' dtype, shape, contiguity and addresses,
-    # the grads' dtype, contiguity and addresses, the same state dicts and the addresses of every state tensor
+    # leaves a plan of its buckets, and the next step reuses them after re-reading, with C-level ``map`` calls rather
+    # than Python code per param, everything the plan depends on: the same groups holding the same params
+    # (identity), the same params with grads, unchanged group options that decide the state (``state_options``),
+    # backend and lr placement; per bucket the same state dicts, and (``plan_match`` of the native extension,
+    # csrc/plan.cpp, or the same check in Python, ``_plan_match_py``, without it) the params' dtype, shape,
+    # contiguity and addresses, the grads' dtype, contiguity and addresses, and the addresses of every state tensor
     # used. Anything different (or raising, e.g. a sparse grad) and the step takes the full path above, which
     # checks and raises as before and records a new plan. New grad objects at new addresses keep the plan and only
     # rebuild the table. Sharded (DTensor) and reference buckets always take the full path. A planned bucket whose
@@ -352,6 +401,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         plan = self._plan
         if plan is None or len(plan) != len(self.param_groups):
             return None
+        match = native.plan_match() or _plan_match_py
         try:
             buckets = []
             state = self.state
@@ -366,30 +416,26 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for bp in gp.buckets:
                     b, ps = bp.bucket, bp.params
                     gs = grads if bp.whole else list(map(grads.__getitem__, b.index))
-                    if not (all(map(is_, map(_DTYPE, ps), repeat(b.param_dtype)))
-                            and all(map(is_, map(_DTYPE, gs), repeat(b.grad_dtype)))
-                            and all(map(_CONTIGUOUS, ps)) and all(map(_CONTIGUOUS, gs))
-                            and list(map(_SHAPE, ps)) == bp.shapes):
-                        return None
                     states = list(map(state.__getitem__, ps))
                     if not all(map(is_, states, b.states)):
                         return None
-                    operands, addresses = {"param": ps, "grad": gs}, []
-                    addresses.extend(map(_PTR, ps))
-                    addresses.extend(map(_PTR, gs))
+                    operands, lists, nullable = {"param": ps, "grad": gs}, [ps, gs], [False, False]
                     for name, present in bp.present.items():
                         if present is False:  # no param has it and the group's options did not change: the
                             operands[name] = bp.nones  # launch does not read it (table addresses 0), nor do we
                             continue
                         lst = operands[name] = list(map(dict.get, states, repeat(name)))
-                        if present is True:
-                            addresses.extend(map(_PTR, lst))  # a missing state tensor (None) raises: full path
-                        elif tuple(map(is_not, lst, repeat(None))) != present:
+                        if present is not True and tuple(map(is_not, lst, repeat(None))) != present:
                             return None  # a state tensor appeared or went: lazy init decides
-                        else:  # some params have this state (Adafactor's factored and unfactored tensors)
-                            addresses.extend(0 if t is None else t.data_ptr() for t in lst)
-                    buckets.append((b, gs, operands, bp.table if addresses == bp.addresses else None))
-        except Exception:  # anything unexpected (a sparse grad, a deleted state tensor): the full path decides
+                        lists.append(lst)
+                        # Some params have this state (Adafactor's factored and unfactored tensors); a state every
+                        # param had and one now lacks (a deleted key) is a change: lazy init decides.
+                        nullable.append(present is not True)
+                    found = match(lists, nullable, b.param_dtype, b.grad_dtype, bp.addresses, bp.shapes)
+                    if found == _CHANGED:
+                        return None
+                    buckets.append((b, gs, operands, bp.table if found == _MATCH else None))
+        except Exception:  # anything unexpected (a deleted state dict): the full path decides
             return None
         for b, gs, operands, table in buckets:
             b.grads, b.checked_operands, b.checked_table = gs, operands, table

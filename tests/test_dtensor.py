@@ -43,8 +43,12 @@ def test_dtensor_params_match_plain_tensors(mesh, backend):
             p.grad = distribute_tensor(g.clone(), mesh, pl or None)
         for p, g in zip(plain, grads):
             p.grad = g.clone()
+        versions = [(d._version, d.to_local()._version) for d in dparams]
         od.step()
         op.step()
+        for i, (d, (wrapper, local)) in enumerate(zip(dparams, versions)):
+            # autograd sees an in-place update of the DTensor and of its shard (optimizer._mark_updated)
+            assert d._version > wrapper and d.to_local()._version > local, f"param {i}"
     for d, p in zip(dparams, plain):
         assert torch.equal(d.full_tensor(), p.detach()), "the same kernel on the same local data"
         assert isinstance(od.state[d]["exp_avg"], DTensor), "state stays a DTensor, as torch.optim keeps it"

@@ -225,3 +225,29 @@ def test_deepcopy_and_pickle():
     train(m, opt, 2, seed=0)
     opt2 = copy.deepcopy(opt)
     assert float(opt2.state[next(opt2.param_groups[0]["params"].__iter__())]["step"]) == 2
+
+
+VERSION_CASES = [("torch-adamw", None)] + [(name, b) for name in ("adamw", "lamb", "adafactor")
+                                           for b in BACKENDS + ("reference",)]
+
+
+@pytest.mark.parametrize("name,backend", VERSION_CASES, ids=[f"{n}-{b}" for n, b in VERSION_CASES])
+def test_step_bumps_param_versions_as_torch(name, backend):
+    """A step updates params in place, so autograd must refuse a backward through a graph that saved a param before
+    the step (torch.optim's in-place ops bump the version counter; the fused kernels write through raw addresses and
+    the optimizer bumps it). Checked on the first step (full path) and on later ones (the step plan)."""
+    w = torch.nn.Parameter(torch.randn(4, 3, device=DEVICE))
+    x = torch.randn(2, 4, device=DEVICE)
+    if name == "torch-adamw":
+        opt = torch.optim.AdamW([w], lr=1e-2)
+    else:
+        cls = {"adamw": fused_optim.FusedAdamW, "lamb": fused_optim.FusedLAMB, "adafactor": fused_optim.FusedAdafactor}
+        opt = cls[name]([w], backend=backend, **({} if name == "adafactor" else {"lr": 1e-2}))
+    for step in range(3):
+        w.grad = torch.randn_like(w)
+        y = (x @ w.square()).sum()  # the backward of square() reads w
+        version = w._version
+        opt.step()
+        assert w._version > version, f"step {step}"
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()

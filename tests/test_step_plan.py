@@ -17,6 +17,19 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(backends.unusable("native", CPU) is not None,
                                 reason=f"native CPU backend unavailable: {backends.unusable('native', CPU)}")
 
+
+
+@pytest.fixture(autouse=True, params=["C", "python"])
+def plan_check(request, monkeypatch):
+    """Every test runs with the step plan's per-tensor check in C (the extension's plan_match, what runs whenever
+    the extension is there) and in Python (optimizer._plan_match_py, what runs without it)."""
+    if request.param == "python":
+        monkeypatch.setattr(fused_optim.native, "plan_match", lambda: None)
+    else:
+        assert fused_optim.native.plan_match() is not None
+    return request.param
+
+
 SHAPES = [(6, 6), (7,), (3, 5), (1,), (4, 4), (2, 3, 4)]
 FACTORIES = {
     "adamw": lambda params: fused_optim.FusedAdamW(params, lr=1e-2, backend="native"),
@@ -288,3 +301,61 @@ def test_table_only_launch_arguments_are_checked():
     before = [p.clone() for p in params]
     op(*args)  # the captured table-only launch, run by hand: it updates the params
     assert not any(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def _match_cases():
+    """(name, args of plan_match, expected result): one case per thing the check reads."""
+    from fused_optim.optimizer import _CHANGED, _MATCH, _MOVED
+    f32, bf16 = torch.float32, torch.bfloat16
+    ps = [torch.zeros(2, 3), torch.zeros(4)]
+    gs = [torch.zeros(2, 3), torch.zeros(4)]
+    ms = [torch.zeros(2, 3), None]  # a nullable state list: the second param has none
+    shapes = [p.shape for p in ps]
+
+    def addresses(*lists):
+        return [0 if t is None else t.data_ptr() for lst in lists for t in lst]
+
+    base = addresses(ps, gs, ms)
+    moved_grad = torch.zeros(4)
+    cases = [
+        ("match", ([ps, gs, ms], [False, False, True], f32, f32, base, shapes), _MATCH),
+        ("grad at a new address", ([ps, [gs[0], moved_grad], ms], [False, False, True], f32, f32, base, shapes),
+         _MOVED),
+        ("state where the table had none", ([ps, gs, [ms[0], torch.zeros(4)]], [False, False, True], f32, f32, base,
+                                            shapes), _MOVED),
+        ("param dtype", ([ps, gs, ms], [False, False, True], bf16, f32, base, shapes), _CHANGED),
+        ("grad dtype", ([ps, gs, ms], [False, False, True], f32, bf16, base, shapes), _CHANGED),
+        ("param shape, same numel", ([ps, gs, ms], [False, False, True], f32, f32, base,
+                                     [torch.Size([3, 2]), shapes[1]]), _CHANGED),
+        ("non-contiguous grad", ([ps, [gs[0].t(), gs[1]], ms], [False, False, True], f32, f32,
+                                 addresses(ps, [gs[0].t(), gs[1]], ms), shapes), _CHANGED),
+        ("non-contiguous param", ([[ps[0].t(), ps[1]], gs, ms], [False, False, True], f32, f32,
+                                  addresses([ps[0].t(), ps[1]], gs, ms), [torch.Size([3, 2]), shapes[1]]), _CHANGED),
+        ("None in a list that may not hold one", ([ps, gs, ms], [False, False, False], f32, f32, base, shapes),
+         _CHANGED),
+        ("a missing grad", ([ps, [gs[0], None], ms], [False, False, True], f32, f32, base, shapes), _CHANGED),
+        ("a non-tensor", ([ps, gs, [ms[0], 1.0]], [False, False, True], f32, f32, base, shapes), _CHANGED),
+        ("sparse grad", ([ps, [gs[0], torch.zeros(4).to_sparse()], ms], [False, False, True], f32, f32, base,
+                         shapes), _CHANGED),
+        ("a list of another length", ([ps, gs, ms[:1]], [False, False, True], f32, f32, base, shapes), _CHANGED),
+        ("too few addresses", ([ps, gs, ms], [False, False, True], f32, f32, base[:-1], shapes), _CHANGED),
+        ("one list only", ([ps], [False], f32, f32, addresses(ps), shapes), _CHANGED),
+    ]
+    return cases
+
+
+def test_plan_checks_in_c_and_python_agree(plan_check):
+    """The per-tensor check of the step plan, on a case per thing it reads: the extension's plan_match and its
+    Python statement give the expected result, so the plan tests above, which run with each, test the same rule."""
+    from fused_optim.optimizer import _plan_match_py
+    match = fused_optim.native.plan_match() if plan_check == "C" else _plan_match_py
+    found = {name: match(*args) for name, args, _ in _match_cases()}
+    assert found == {name: expected for name, _, expected in _match_cases()}
+
+
+def test_plan_match_refuses_wrong_argument_types():
+    match = fused_optim.native.load().plan_match  # the extension's (the Python check takes any sequences)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        match([], [])
+    with pytest.raises(TypeError, match="param_dtype: torch.dtype"):
+        match([], [], "float32", torch.float32, [], [])
