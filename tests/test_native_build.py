@@ -55,6 +55,7 @@ for k in range(3):
     p.grad = torch.cos(torch.arange(5000.0) * (k + 1))
     opt.step()
 print(native.info())
+assert native.plan_match() is native.load().plan_match  # the JIT module serves the step plan's check too
 torch.save(p.detach(), %r)
 """ % str(tmp_path / "jit_param.pt"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
