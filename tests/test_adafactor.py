@@ -78,6 +78,16 @@ def test_parity_shapes(backend, dtype):
         assert ("exp_avg_sq_row" in st) == (p.dim() >= 2) and ("exp_avg_sq" in st) == (p.dim() < 2)
 
 
+@pytest.mark.skipif("native" not in BACKENDS, reason="the native backend is not usable here")
+def test_native_parity_wide_matrices():
+    """Matrices wider than one band pass of the CPU engine (csrc/cpu/tile_map_cpu.h: up to 32 column tiles of 128,
+    4,096 columns, run row by row together), so that a band is split into several passes."""
+    shapes = [(40, 4500), (2, 3, 4200)]
+    start = [p.clone() for p in make_params(torch.float32, shapes=shapes)]
+    _, _, pf, _ = run_pair(shapes, torch.float32, VARIANTS["default"], "native")
+    assert _moved(start, pf), "the test did not move any param"
+
+
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "default"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parity_options(backend, variant):

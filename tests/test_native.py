@@ -613,9 +613,10 @@ def test_adafactor_one_step_is_the_documented_op_order_bit_for_bit(dtype, master
 
 def _adafactor_run(dtype, master, steps=4, seed=0):
     """Params and state after `steps` native Adafactor steps: matrices of many tiles (so that threads share them),
-    batches, flat tensors, zero-size ones; momentum and weight decay."""
+    one wider than a band pass of the CPU engine, batches, flat tensors, zero-size ones; momentum and weight
+    decay."""
     g = torch.Generator().manual_seed(seed)
-    shapes = [(300, 700), (3, 40, 130), (70000,), (333,), (), (0,), (5, 0)]
+    shapes = [(300, 700), (3, 40, 130), (70000,), (333,), (), (0,), (5, 0), (40, 4500)]  # the last: > 1 band pass
     ps = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
     opt = fused_optim.FusedAdafactor(ps, beta1=0.9, weight_decay=0.1, backend="native", master_weights=master)
     for k in range(steps):
