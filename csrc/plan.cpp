@@ -1,22 +1,28 @@
 // fused_optim._C.plan_match: the per-tensor half of the optimizer's step-plan check (fused_optim/optimizer.py,
 // FusedOptimizer._planned_buckets), in C.
 //
-//   plan_match(lists, nullable, param_dtype, grad_dtype, addresses, shapes) -> int
+//   plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes) -> (result, grads)
 //
-// `lists`: a list of k >= 2 lists of n entries each: the params, their grads, then the state lists the launch
-// reads. An entry is a tensor, or None (a state that param does not have) in a list whose `nullable[l]` is true.
-// `addresses`: k*n ints, list by list: the address (Tensor.data_ptr(), 0 for None) of every entry when the table
-// was built. `shapes`: the n params' shapes (torch.Size). Returns
-//   0 (MATCH)    every entry is where the table says, the params and grads are strided and contiguous with dtypes
-//                `param_dtype` and `grad_dtype` (torch.dtype), and param i has shape `shapes[i]`;
-//   1 (MOVED)    all of that except that some address differs: the plan holds, the table must be rebuilt;
-//   2 (CHANGED)  anything else (a non-tensor, None where it may not be, a sparse grad, a tensor without storage,
-//                another dtype, shape or length): the step takes the full path, which names the problem.
+// One bucket of n params: `params` (list of n tensors), `states` (list of their n state dicts), `names` (list of k
+// str: the state keys the launch reads, in table order), `present` (list of k: True when every param has that
+// state, else a tuple of n bools saying which do), `param_dtype` and `grad_dtype` (torch.dtype), `addresses`
+// ((2 + k) * n ints, operand by operand: the params, their grads, then each state in `names` order; 0 for a state a
+// param does not have) and `shapes` (the n params' torch.Size) as they were when the table was built. Each param's
+// grad is read here (Tensor.grad, in C++), each state from its dict. Returns
+//   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous) of dtype
+//                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`,
+//                every state dict holds exactly the states `present` says and each is a strided tensor, and every
+//                address is the one in `addresses`; `grads` is the list of the n grads;
+//   (1, grads)   MOVED: all of that except that some address differs: the plan holds, the table must be rebuilt;
+//   (2, None)    CHANGED: anything else (a missing grad, a sparse grad, a non-tensor, a state that appeared or went,
+//                a tensor without storage, another dtype, shape or length): the step takes the full path, which
+//                names the problem.
 // Wrong argument types raise TypeError.
 //
 // The Python function fused_optim.optimizer._plan_match_py states the same check; tests/test_step_plan.py runs
 // both on the same cases. This one exists for speed: with 1,000 small tensors an eager step is host-bound, and
-// reading five attributes of each of 5,000 tensors through Python took most of a planned step's host time.
+// reading the grads and five attributes of each of 5,000 tensors through Python took most of a planned step's
+// host time.
 #include "plan.h"
 
 #include <torch/csrc/Dtype.h>
@@ -49,73 +55,133 @@ bool same_shape(const at::Tensor& t, PyObject* shape) {
   return true;
 }
 
-// kMatch, kMoved or kChanged; throws only for a C++ error in a tensor's accessors (the caller maps it to kChanged).
-long lists_match(PyObject* lists, PyObject* nullable, at::ScalarType param_dtype, at::ScalarType grad_dtype,
-                 PyObject* addresses, PyObject* shapes) {
-  const Py_ssize_t k = PyList_GET_SIZE(lists);
-  const Py_ssize_t n = PyList_GET_SIZE(shapes);
-  if (k < 2 || PyList_GET_SIZE(nullable) != k || PyList_GET_SIZE(addresses) != k * n) return kChanged;
-  bool moved = false;
-  for (Py_ssize_t l = 0; l < k; ++l) {
-    PyObject* list = PyList_GET_ITEM(lists, l);
-    if (!PyList_Check(list) || PyList_GET_SIZE(list) != n) return kChanged;
-    const int may_be_none = PyObject_IsTrue(PyList_GET_ITEM(nullable, l));
-    if (may_be_none < 0) {
-      PyErr_Clear();
-      return kChanged;
-    }
+// The address of a tensor the kernels read through the table, or false when it cannot be one (not strided, or
+// without storage).
+bool strided_address(const at::Tensor& t, int64_t* out) {
+  if (!t.defined() || t.layout() != at::kStrided || !t.has_storage()) return false;
+  *out = static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
+  return true;
+}
+
+// Walks the addresses in table order; `moved` turns true at the first one that differs.
+class Addresses {
+ public:
+  explicit Addresses(PyObject* list) : list_(list) {}
+  bool next_equals(int64_t address, bool* ok) {
+    int64_t expected = 0;
+    *ok = as_int64(PyList_GET_ITEM(list_, at_++), &expected);
+    return expected == address;
+  }
+
+ private:
+  PyObject* list_;
+  Py_ssize_t at_ = 0;
+};
+
+// kMatch, kMoved or kChanged, with the grads appended to `grads` (a new list of n) unless kChanged; throws only for
+// a C++ error in a tensor's accessors (the caller maps it to kChanged).
+long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject* present, at::ScalarType param_dtype,
+                  at::ScalarType grad_dtype, PyObject* addresses, PyObject* shapes, PyObject* grads) {
+  const Py_ssize_t n = PyList_GET_SIZE(shapes), k = PyList_GET_SIZE(names);
+  if (PyList_GET_SIZE(params) != n || PyList_GET_SIZE(states) != n || PyList_GET_SIZE(present) != k ||
+      PyList_GET_SIZE(addresses) != (2 + k) * n)
+    return kChanged;
+  bool moved = false, ok = true;
+  Addresses expected(addresses);
+  // The params, then their grads (two walks over the list, to keep the table's order).
+  for (int pass = 0; pass < 2; ++pass) {
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* obj = PyList_GET_ITEM(list, i);
-      int64_t expected = 0;
-      if (!as_int64(PyList_GET_ITEM(addresses, l * n + i), &expected)) return kChanged;
-      intptr_t address = 0;
-      if (obj == Py_None) {
-        if (!may_be_none) return kChanged;
+      PyObject* obj = PyList_GET_ITEM(params, i);
+      // Only plain tensors: a subclass could give `.grad` another meaning in Python than in C++.
+      if (!THPVariable_CheckExact(obj)) return kChanged;
+      const at::Tensor& p = THPVariable_Unpack(obj);
+      int64_t address = 0;
+      if (pass == 0) {
+        if (!strided_address(p, &address) || p.scalar_type() != param_dtype || !p.is_contiguous() ||
+            !same_shape(p, PyList_GET_ITEM(shapes, i)))
+          return kChanged;
       } else {
-        if (!THPVariable_Check(obj)) return kChanged;
-        const at::Tensor& t = THPVariable_Unpack(obj);
-        if (!t.defined() || t.layout() != at::kStrided || !t.has_storage()) return kChanged;
-        if (l < 2) {
-          if (t.scalar_type() != (l == 0 ? param_dtype : grad_dtype) || !t.is_contiguous()) return kChanged;
-          if (l == 0 && !same_shape(t, PyList_GET_ITEM(shapes, i))) return kChanged;
+        const at::Tensor& g = p.grad();
+        if (!strided_address(g, &address) || g.scalar_type() != grad_dtype || !g.is_contiguous()) return kChanged;
+        PyObject* wrapped = THPVariable_Wrap(g);  // the grad's Python object (new reference)
+        if (wrapped == nullptr) {
+          PyErr_Clear();
+          return kChanged;
         }
-        address = reinterpret_cast<intptr_t>(t.data_ptr());
+        PyList_SET_ITEM(grads, i, wrapped);  // steals the reference
       }
-      moved = moved || static_cast<int64_t>(address) != expected;
+      moved = !expected.next_equals(address, &ok) || moved;
+      if (!ok) return kChanged;
+    }
+  }
+  // The states, name by name.
+  for (Py_ssize_t j = 0; j < k; ++j) {
+    PyObject* name = PyList_GET_ITEM(names, j);
+    PyObject* has = PyList_GET_ITEM(present, j);
+    const bool everyone = has == Py_True;
+    if (!everyone && (!PyTuple_Check(has) || PyTuple_GET_SIZE(has) != n)) return kChanged;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* state = PyList_GET_ITEM(states, i);
+      if (!PyDict_Check(state)) return kChanged;
+      PyObject* value = PyDict_GetItemWithError(state, name);  // borrowed
+      if (value == nullptr && PyErr_Occurred()) {
+        PyErr_Clear();
+        return kChanged;
+      }
+      const bool found = value != nullptr && value != Py_None;
+      int wanted = everyone ? 1 : PyObject_IsTrue(PyTuple_GET_ITEM(has, i));
+      if (wanted < 0) {
+        PyErr_Clear();
+        return kChanged;
+      }
+      if (found != static_cast<bool>(wanted)) return kChanged;  // a state appeared or went: lazy init decides
+      int64_t address = 0;
+      if (found && (!THPVariable_Check(value) || !strided_address(THPVariable_Unpack(value), &address)))
+        return kChanged;
+      moved = !expected.next_equals(address, &ok) || moved;
+      if (!ok) return kChanged;
     }
   }
   return moved ? kMoved : kMatch;
 }
 
 PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
-  static const char* usage = "plan_match(lists: list, nullable: list, param_dtype: torch.dtype, grad_dtype: "
-                             "torch.dtype, addresses: list, shapes: list)";
-  if (nargs != 6) {
-    PyErr_Format(PyExc_TypeError, "%s takes 6 arguments, got %zd", usage, nargs);
+  static const char* usage = "plan_match(params: list, states: list, names: list, present: list, param_dtype: "
+                             "torch.dtype, grad_dtype: torch.dtype, addresses: list, shapes: list)";
+  if (nargs != 8) {
+    PyErr_Format(PyExc_TypeError, "%s takes 8 arguments, got %zd", usage, nargs);
     return nullptr;
   }
-  PyObject *lists = args[0], *nullable = args[1], *addresses = args[4], *shapes = args[5];
-  if (!PyList_Check(lists) || !PyList_Check(nullable) || !THPDtype_Check(args[2]) || !THPDtype_Check(args[3]) ||
-      !PyList_Check(addresses) || !PyList_Check(shapes)) {
+  PyObject *params = args[0], *states = args[1], *names = args[2], *present = args[3], *addresses = args[6],
+           *shapes = args[7];
+  if (!PyList_Check(params) || !PyList_Check(states) || !PyList_Check(names) || !PyList_Check(present) ||
+      !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(addresses) || !PyList_Check(shapes)) {
     PyErr_SetString(PyExc_TypeError, usage);
     return nullptr;
   }
+  PyObject* grads = PyList_New(PyList_GET_SIZE(shapes));  // filled with new references as the grads are read
+  if (grads == nullptr) return nullptr;
   long result = kChanged;
   try {
-    result = lists_match(lists, nullable, reinterpret_cast<THPDtype*>(args[2])->scalar_type,
-                         reinterpret_cast<THPDtype*>(args[3])->scalar_type, addresses, shapes);
+    result = bucket_match(params, states, names, present, reinterpret_cast<THPDtype*>(args[4])->scalar_type,
+                          reinterpret_cast<THPDtype*>(args[5])->scalar_type, addresses, shapes, grads);
   } catch (const std::exception&) {
-    result = kChanged;  // e.g. a tensor subclass whose data_ptr() throws: the full path decides
+    result = kChanged;  // e.g. a tensor whose data_ptr() throws: the full path decides
   }
-  return PyLong_FromLong(result);
+  if (result == kChanged) {
+    Py_DECREF(grads);  // PyList's dealloc skips the slots still NULL
+    return Py_BuildValue("(lO)", result, Py_None);
+  }
+  return Py_BuildValue("(lN)", result, grads);  // N: the tuple takes our reference
 }
 
 }  // namespace
 
 PyMethodDef plan_methods[] = {
     {"plan_match", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_match)), METH_FASTCALL,
-     "plan_match(lists, nullable, param_dtype, grad_dtype, addresses, shapes) -> 0 (match), 1 (moved: addresses "
-     "differ) or 2 (changed): the step plan's per-tensor check (csrc/plan.cpp)."},
+     "plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes) -> (0, grads) "
+     "(match), (1, grads) (moved: addresses differ) or (2, None) (changed): the step plan's per-tensor check "
+     "(csrc/plan.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace fused_optim

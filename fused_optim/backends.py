@@ -192,9 +192,8 @@ class Bucket:
     states: list = field(default_factory=list)  # the optimizer's per-param state dicts
     sharded: bool = False  # some params are DTensors: params and states are swapped for their local shards
     index: list = field(default_factory=list)  # position of each param in its group's "params"
-    # Set by the optimizer's step plan (optimizer.py) when it has already read this step's operand lists and found
-    # the cached table's addresses equal to them: then neither is read again here.
-    checked_operands: dict | None = None
+    # Set by the optimizer's step plan (optimizer.py) when it has already read this step's tensors and found the
+    # cached table's addresses equal to theirs: then no operand list is built to check them again here.
     checked_table: object = None
 
     @property
@@ -204,8 +203,6 @@ class Bucket:
     def operands(self, names) -> dict:
         """Operand lists by name, in the order a kernel's ``OPERANDS`` lists them; state keys a param does not
         have (``max_exp_avg_sq`` without amsgrad, ``master_param`` for fp32 params) give ``None``."""
-        if self.checked_operands is not None and tuple(self.checked_operands) == tuple(names):
-            return self.checked_operands
         out = {}
         for name in names:
             if name == "param":
@@ -254,25 +251,26 @@ def _run_reference(bucket, rule, hp, grad_scale, found_inf):
         fn(p, g, **operands, **hp, master_param=st.get("master_param"), grad_scale=grad_scale)
 
 
-def _table(bucket, launcher, tables) -> TensorTable:
-    """The cached device table of ``bucket`` for ``launcher``'s operands (triton or native), rebuilt when a
-    tensor's storage changed."""
+def _table(bucket, launcher, tables) -> tuple:
+    """``(table, operands)``: the cached device table of ``bucket`` for ``launcher``'s operands (triton or native),
+    rebuilt when a tensor's storage changed, and the operand lists read to check that (None when the step plan had
+    checked this table: ``bucket.checked_table``)."""
     table = tables.get(bucket.key)
     if table is not None and table is bucket.checked_table:
-        return table
+        return table, None
     operands = bucket.operands(launcher.OPERANDS)
     if table is None or table.key != storage_key(operands):
         # A rule whose kernels need another map than the 1-D block map (Adafactor's 2-D tiles) brings its builder.
         table = getattr(launcher, "build_table", TensorTable.build)(operands, bucket.device)
         tables[bucket.key] = table
-    return table
+    return table, operands
 
 
 def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
     from . import kernels  # imported on first use: TRITON_INTERPRET must be set before the kernels are defined
 
     launcher = kernels.RULES[rule]
-    table = _table(bucket, launcher, tables)
+    table, _ = _table(bucket, launcher, tables)
     launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
              master=bucket.states[0].get("master_param") is not None,
              grad_scale=grad_scale, found_inf=found_inf)
@@ -291,21 +289,24 @@ def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, fo
     if bucket.backend == "triton":
         from . import kernels
 
-        table = _table(bucket, kernels.RULES[rule], tables)
+        table, _ = _table(bucket, kernels.RULES[rule], tables)
         return kernels.grad_sq_norm(table, grad_dtype=bucket.grad_dtype, grad_scale=grad_scale,
                                     found_inf=found_inf)
     if bucket.backend == "native":
-        table = _table(bucket, native.RULES[rule], tables)
+        table, _ = _table(bucket, native.RULES[rule], tables)
         return native.grad_sq_norm(table, bucket.grads, grad_scale=grad_scale, found_inf=found_inf)
     raise ValueError(f"unknown backend {bucket.backend!r}")
 
 
 def _run_native(bucket, rule, hp, tables, grad_scale, found_inf):
     launcher = native.RULES[rule]
-    operands = bucket.operands(launcher.OPERANDS)
-    table = _table(bucket, launcher, tables)
-    extra = {}
-    if getattr(launcher, "TABLES_ONLY", False):
+    table, operands = _table(bucket, launcher, tables)
+    if operands is None and getattr(launcher, "TABLES_ONLY", False):
         # The step plan checked this step's tensors against this very table: the operator needs no lists.
-        extra["tables_only"] = table is bucket.checked_table and operands is bucket.checked_operands
-    launcher(table, operands, hp, grad_scale=grad_scale, found_inf=found_inf, **extra)
+        master = bucket.states[0].get("master_param") is not None
+        launcher(table, None, hp, grad_scale=grad_scale, found_inf=found_inf,
+                 tables_only=(bucket.param_dtype, bucket.grad_dtype, master))
+        return
+    if operands is None:
+        operands = bucket.operands(launcher.OPERANDS)
+    launcher(table, operands, hp, grad_scale=grad_scale, found_inf=found_inf)

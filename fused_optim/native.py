@@ -207,20 +207,20 @@ def _present(operands: dict, name: str, needed: bool) -> list:
     return tensors
 
 
-def _lists_or_dtypes(operands: dict, names: tuple, present: dict, tables_only: bool) -> tuple:
+def _lists_or_dtypes(operands: dict, names: tuple, present: dict, tables_only) -> tuple:
     """The tensor lists of an ``adam_`` / ``lamb_`` launch (``names``; ``present``: name -> whether the launch uses
-    that optional state) and the trailing ``param_dtype, grad_dtype, master`` arguments. ``tables_only``: the
-    caller (the optimizer's step plan) has checked this step that every tensor has the dtype, contiguity, size and
-    address the table holds, so the lists go empty and the dtypes are stated instead (csrc/ops_common.h,
-    TablesOnly): 1,000-tensor lists cost about 0.1 us per tensor to pass to an operator."""
-    master = operands["master_param"][0] is not None
-    if tables_only:
-        return tuple([] for _ in names) + (operands["param"][0].dtype, operands["grad"][0].dtype, master)
+    that optional state) and the trailing ``param_dtype, grad_dtype, master`` arguments. ``tables_only``: None, or
+    ``(param_dtype, grad_dtype, master)`` when the caller (the optimizer's step plan) has checked this step that
+    every tensor has the dtype, contiguity, size and address the table holds: then ``operands`` is not read, the
+    lists go empty and the dtypes are stated instead (csrc/ops_common.h, TablesOnly): 1,000-tensor lists cost
+    about 0.1 us per tensor to build and as much again to pass to an operator."""
+    if tables_only is not None:
+        return tuple([] for _ in names) + tuple(tables_only)
     lists = tuple(_present(operands, name, present[name]) if name in present else operands[name] for name in names)
     return lists + (None, None, False)
 
 
-def adam(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None, tables_only=False) -> None:
+def adam(table, operands, hp: dict, *, grad_scale=None, found_inf=None, tables_only=None) -> None:
     """One launch of ``fused_optim::adam_`` over every tensor of ``table`` (operands as in ``ADAM_OPERANDS``).
 
     ``hp``: lr (float or a 0-d tensor on the params' device), beta1, beta2, eps, weight_decay, amsgrad, maximize,
@@ -231,9 +231,9 @@ def adam(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None, ta
     lr = hp["lr"]
     lr_tensor = lr if isinstance(lr, Tensor) else None
     amsgrad = bool(hp["amsgrad"])
-    *lists, param_dtype, grad_dtype, master = _lists_or_dtypes(
-        operands, ADAM_OPERANDS, {"max_exp_avg_sq": amsgrad, "master_param": operands["master_param"][0] is not None},
-        tables_only)
+    present = None if tables_only is not None else {
+        "max_exp_avg_sq": amsgrad, "master_param": operands["master_param"][0] is not None}
+    *lists, param_dtype, grad_dtype, master = _lists_or_dtypes(operands, ADAM_OPERANDS, present, tables_only)
     _launch(
         torch.ops.fused_optim.adam_, *lists,
         [table.ptrs[name] for name in ADAM_OPERANDS], table.numels, table.block_tensor, table.block_start,
@@ -252,7 +252,7 @@ LAMB_OPERANDS = ("param", "grad", "exp_avg", "exp_avg_sq", "master_param", "step
 LAMB_NORMS, LAMB_APPLY, LAMB_FUSED = 0, 1, 2  # the passes of csrc/lamb_rule.h
 
 
-def lamb(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None, tables_only=False) -> None:
+def lamb(table, operands, hp: dict, *, grad_scale=None, found_inf=None, tables_only=None) -> None:
     """One LAMB step over every tensor of ``table`` (operands as in ``LAMB_OPERANDS``), as kernels/lamb.py does it:
     pass 1 (moments, per-block partial sums of θ² and u²), ``segment_sum`` (per-tensor sums of squares, a separate
     step: under FSDP an all-reduce of ``sums`` over the shard group goes there), pass 2 (θ -= γ r u); or one fused
@@ -268,8 +268,8 @@ def lamb(table, operands: dict, hp: dict, *, grad_scale=None, found_inf=None, ta
     lr_tensor = lr if isinstance(lr, Tensor) else None
     clip = hp["trust_clip"]
     op = torch.ops.fused_optim.lamb_
-    *lists, param_dtype, grad_dtype, master = _lists_or_dtypes(
-        operands, LAMB_OPERANDS, {"master_param": operands["master_param"][0] is not None}, tables_only)
+    present = None if tables_only is not None else {"master_param": operands["master_param"][0] is not None}
+    *lists, param_dtype, grad_dtype, master = _lists_or_dtypes(operands, LAMB_OPERANDS, present, tables_only)
     head = (*lists, [table.ptrs[name] for name in LAMB_OPERANDS], table.numels, table.block_tensor,
             table.block_start, table.arrivals, table.block)
     scalars = (0.0 if lr_tensor is not None else float(lr), lr_tensor,

@@ -19,6 +19,7 @@ which would round the fp32 moments and master weights of a bf16 param to bf16.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import attrgetter, is_, is_not
@@ -26,6 +27,7 @@ from operator import attrgetter, is_, is_not
 import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
+from torch.nn import Parameter
 
 from . import backends, native
 
@@ -54,8 +56,9 @@ def state_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-_GRAD, _DTYPE, _SHAPE = attrgetter("grad"), attrgetter("dtype"), attrgetter("shape")
+_GRAD, _DTYPE, _SHAPE, _LAYOUT = attrgetter("grad"), attrgetter("dtype"), attrgetter("shape"), attrgetter("layout")
 _PTR, _CONTIGUOUS = Tensor.data_ptr, Tensor.is_contiguous
+_PLAIN = frozenset((Tensor, Parameter))  # the param types a planned step takes (csrc/plan.cpp: THPVariable_CheckExact)
 
 
 _MATCH, _MOVED, _CHANGED = 0, 1, 2  # what a plan check finds (csrc/plan.cpp)
@@ -65,30 +68,64 @@ def _address_or_0(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _plan_match_py(lists: list, nullable: list, param_dtype, grad_dtype, addresses: list, shapes: list) -> int:
-    """The step plan's per-tensor check: ``lists`` are the params, the grads and the state lists a bucket's launch
-    reads (None allowed in the lists whose ``nullable`` is true); ``addresses`` those tensors' addresses (0 for None)
-    in the cached table, list by list; ``shapes`` the params' shapes. Returns ``_MATCH``, ``_MOVED`` (only
-    addresses differ: rebuild the table) or ``_CHANGED`` (another dtype, shape, contiguity or anything unexpected:
-    take the full path). ``plan_match`` of the native extension (csrc/plan.cpp) is the same check in C, used when
-    the extension is there; tests/test_step_plan.py runs both on the same cases."""
+def _plan_match_py(params: list, states: list, names: list, present: list, param_dtype, grad_dtype,
+                   addresses: list, shapes: list) -> tuple:
+    """The step plan's per-tensor check of one bucket; ``plan_match`` of the native extension (csrc/plan.cpp, whose
+    comment says what each argument is) is the same check in C, used when the extension is there;
+    tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
+    the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
+    ``addresses``: rebuild the table) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or
+    went, another dtype, shape or contiguity, anything unexpected: take the full path)."""
     n = len(shapes)
-    if len(lists) < 2 or len(nullable) != len(lists) or len(addresses) != len(lists) * n:
-        return _CHANGED
-    ps, gs = lists[0], lists[1]
+    if len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n:
+        return _CHANGED, None
     try:
-        if not (all(len(lst) == n for lst in lists)
-                and all(map(is_, map(_DTYPE, ps), repeat(param_dtype)))
-                and all(map(is_, map(_DTYPE, gs), repeat(grad_dtype)))
-                and all(map(_CONTIGUOUS, ps)) and all(map(_CONTIGUOUS, gs))
-                and list(map(_SHAPE, ps)) == shapes):
-            return _CHANGED
-        found = []
-        for lst, may_be_none in zip(lists, nullable):
-            found.extend(map(_address_or_0 if may_be_none else _PTR, lst))  # None where it may not be raises
-    except Exception:  # a non-tensor, a sparse grad, a tensor without storage
-        return _CHANGED
-    return _MATCH if found == addresses else _MOVED
+        # Only plain tensors: a subclass could give ``.grad`` another meaning (the C check reads it in C++).
+        if not all(map(_PLAIN.__contains__, map(type, params))):
+            return _CHANGED, None
+        grads = list(map(_GRAD, params))
+        if not (all(map(is_, map(_LAYOUT, params), repeat(torch.strided)))
+                and all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))  # a missing grad raises
+                and all(map(is_, map(_DTYPE, params), repeat(param_dtype)))
+                and all(map(is_, map(_DTYPE, grads), repeat(grad_dtype)))
+                and all(map(_CONTIGUOUS, params)) and all(map(_CONTIGUOUS, grads))
+                and list(map(_SHAPE, params)) == shapes):
+            return _CHANGED, None
+        found = list(map(_PTR, params)) + list(map(_PTR, grads))
+        for name, has in zip(names, present):
+            values = list(map(dict.get, states, repeat(name)))  # a state that is not a dict raises
+            if tuple(map(is_not, values, repeat(None))) != (has if has is not True else (True,) * n):
+                return _CHANGED, None  # a state appeared or went: lazy init decides
+            if not all(v is None or v.layout is torch.strided for v in values):  # a non-tensor raises
+                return _CHANGED, None
+            found.extend(map(_address_or_0, values))
+    except Exception:  # a non-tensor, a tensor without storage
+        return _CHANGED, None
+    return (_MATCH if found == addresses else _MOVED), grads
+
+
+class _State(defaultdict):
+    """``optimizer.state``: torch.optim's ``defaultdict(dict)`` that also counts the calls that can change which
+    state dict a param maps to. A planned step compares the count with the one its plan recorded instead of looking
+    up every param (``Tensor.__hash__`` is Python code: about 0.1 us a param). A mapping of another type put in its
+    place (by user code, or torch's ``load_state_dict`` before this class wraps it) is looked up param by param."""
+
+    _changes = 0
+
+    def _counted(name):  # noqa: N805 (a helper of the class body, deleted below)
+        method = getattr(defaultdict, name)
+
+        def counted(self, *args, **kwargs):
+            self._changes += 1
+            return method(self, *args, **kwargs)
+
+        counted.__name__ = name
+        return counted
+
+    # Every dict method that can add, replace or remove a key; defaultdict's __missing__ adds through __setitem__.
+    for _name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
+        locals()[_name] = _counted(_name)
+    del _name, _counted
 
 
 @dataclass
@@ -97,10 +134,9 @@ class _BucketPlan:
 
     bucket: backends.Bucket
     params: list
-    whole: bool  # the bucket holds every param of its group, in order
     names: tuple  # the launcher's operands, in table order
-    present: dict  # state operand -> True (every param has it), False (none has), or a tuple of bools per param
-    nones: list  # the operand list of a state no param has
+    state_names: list  # the state operands some param has, in table order (what plan_match reads)
+    state_present: list  # per state_names: True (every param has it) or a tuple of bools per param
     shapes: list  # of the params
     addresses: list  # the table's addresses in table order, less those of the operands no param has (all 0)
     table: object  # the cached table those addresses are the key of
@@ -108,8 +144,9 @@ class _BucketPlan:
     def use(self, table) -> None:
         """Take ``table`` (a TensorTable or TileTable of this bucket) and its addresses."""
         n = len(self.params)
+        read = {"param", "grad", *self.state_names}
         self.table = table
-        self.addresses = [a for k, name in enumerate(self.names) if self.present.get(name) is not False
+        self.addresses = [a for k, name in enumerate(self.names) if name in read
                           for a in table.key[0][k * n:(k + 1) * n]]
 
 
@@ -117,7 +154,7 @@ class _BucketPlan:
 class _GroupPlan:
     group: dict
     params: tuple
-    has_grad: tuple  # bool per param
+    idle: tuple  # the params that had no grad
     signature: tuple  # FusedOptimizer._plan_signature(group)
     buckets: list
 
@@ -137,7 +174,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         backends.check_name(defaults["backend"])
         self._tables: dict = {}  # device tables of the fused backends, keyed by bucket; rebuilt on storage change
         self._plan: list | None = None  # the last step's buckets, see _planned_buckets
+        self._plan_state: tuple = (None, None)  # the state mapping the plan saw and its _changes count
         super().__init__(params, defaults)
+        self.state = _State(dict)
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, and names the problems of a param now (complex, a backend that cannot run it) rather than
@@ -168,8 +207,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        if type(self.state) is not _State:  # torch's load_state_dict, or an optimizer pickled without _State
+            self.state = _State(dict, self.state)
         self._tables = {}
         self._plan = None
+        self._plan_state = (None, None)
 
     # -- subclass hooks -----------------------------------------------------------------------------------------
     def _init_param_state(self, p: Tensor, state: dict, group: dict) -> None:
@@ -336,17 +378,19 @@ class FusedOptimizer(torch.optim.Optimizer):
     # lazy state init, the operand lists, the table key) cost more than the launches. So a step that succeeded
     # leaves a plan of its buckets, and the next step reuses them after re-reading, with C-level ``map`` calls rather
     # than Python code per param, everything the plan depends on: the same groups holding the same params
-    # (identity), the same params with grads, unchanged group options that decide the state (``state_options``),
-    # backend and lr placement; per bucket the same state dicts, and (``plan_match`` of the native extension,
-    # csrc/plan.cpp, or the same check in Python, ``_plan_match_py``, without it) the params' dtype, shape,
-    # contiguity and addresses, the grads' dtype, contiguity and addresses, and the addresses of every state tensor
-    # used. Anything different (or raising, e.g. a sparse grad) and the step takes the full path above, which
-    # checks and raises as before and records a new plan. New grad objects at new addresses keep the plan and only
-    # rebuild the table. Sharded (DTensor) and reference buckets always take the full path. A planned bucket whose
-    # table was not rebuilt launches the native Adam and LAMB operators with their tables alone, no tensor lists
-    # (backends._run_native; csrc/ops_common.h, TablesOnly). The checks here stand in for the operator's: every
-    # address equal to the table's, and the params' and grads' dtype, shape and contiguity; a state tensor at an
-    # address of the table is taken to be the fp32 tensor the full path checked there (as the table itself does).
+    # (identity), unchanged group options that decide the state (``state_options``), backend and lr placement, no
+    # grad on the params that had none; per bucket the same state dicts (looked up only when ``self.state`` is not
+    # the unchanged _State the plan saw), and, in one call per bucket (``plan_match`` of the native extension,
+    # csrc/plan.cpp, or the same check in Python, ``_plan_match_py``, without it), every param's grad, the params'
+    # dtype, shape, contiguity and addresses, the grads' dtype, contiguity and addresses, which state tensors each
+    # param has and their addresses. Anything different (or raising, e.g. a sparse grad) and the step takes the
+    # full path above, which checks and raises as before and records a new plan. New grad objects at new addresses
+    # keep the plan and only rebuild the table. Sharded (DTensor) and reference buckets always take the full path.
+    # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam and LAMB
+    # operators with their tables alone (backends._run_native; csrc/ops_common.h, TablesOnly). The checks here
+    # stand in for the operator's: every address equal to the table's, and the params' and grads' dtype, shape and
+    # contiguity; a state tensor at an address of the table is taken to be the fp32 tensor the full path checked
+    # there (as the table itself does).
     def _plan_signature(self, group: dict) -> tuple:
         lr = group["lr"]
         return (group["backend"], lr.device if isinstance(lr, Tensor) else None,
@@ -368,20 +412,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if table is None:
                     return
                 names = backends.operand_names(b.backend, self.rule)
-                present = {}
-                for n in names[2:] if names[:2] == ("param", "grad") else ():
-                    has = tuple(s.get(n) is not None for s in b.states)
-                    present[n] = True if all(has) else False if not any(has) else has
-                if len(present) != len(names) - 2:
+                if names[:2] != ("param", "grad"):
                     return
-                n = len(b.params)
-                bp = _BucketPlan(b, list(b.params), b.index == list(range(len(params))), names, present, [None] * n,
-                                 list(map(_SHAPE, b.params)), [], None)
+                state_names, state_present = [], []
+                for name in names[2:]:
+                    has = tuple(s.get(name) is not None for s in b.states)
+                    if any(has):
+                        state_names.append(name)
+                        state_present.append(True if all(has) else has)
+                bp = _BucketPlan(b, list(b.params), names, state_names, state_present, list(map(_SHAPE, b.params)),
+                                 [], None)
                 bp.use(table)
                 bucket_plans.append(bp)
-            plan.append(_GroupPlan(group, params, tuple(map(is_not, map(_GRAD, params), repeat(None))),
+            plan.append(_GroupPlan(group, params, tuple(p for p in params if p.grad is None),
                                    self._plan_signature(group), bucket_plans))
         self._plan = plan
+        self._plan_state = (self.state, getattr(self.state, "_changes", None))
 
     def _update_plan(self) -> None:
         """After a planned step whose table was rebuilt (new addresses): remember the new table."""
@@ -394,7 +440,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         self._plan = None
                         return
                     bp.use(table)
-                b.checked_operands = b.checked_table = None
+                b.checked_table = None
 
     def _planned_buckets(self) -> list | None:
         """The buckets of this step if the plan of the last one still holds, else None (take the full path)."""
@@ -402,43 +448,31 @@ class FusedOptimizer(torch.optim.Optimizer):
         if plan is None or len(plan) != len(self.param_groups):
             return None
         match = native.plan_match() or _plan_match_py
+        state = self.state
+        # Unless ``state`` is the very _State the plan saw, unchanged since, every param's state dict is looked up.
+        planned_state, changes = self._plan_state
+        look_up = not (state is planned_state and type(state) is _State and state._changes == changes)
         try:
             buckets = []
-            state = self.state
             for group, gp in zip(self.param_groups, plan):
                 params = group["params"]
                 if (group is not gp.group or len(params) != len(gp.params) or not all(map(is_, params, gp.params))
-                        or self._plan_signature(group) != gp.signature):
-                    return None
-                grads = list(map(_GRAD, params))
-                if tuple(map(is_not, grads, repeat(None))) != gp.has_grad:
+                        or self._plan_signature(group) != gp.signature
+                        or any(map(is_not, map(_GRAD, gp.idle), repeat(None)))):
                     return None
                 for bp in gp.buckets:
-                    b, ps = bp.bucket, bp.params
-                    gs = grads if bp.whole else list(map(grads.__getitem__, b.index))
-                    states = list(map(state.__getitem__, ps))
-                    if not all(map(is_, states, b.states)):
+                    b = bp.bucket
+                    if look_up and not all(map(is_, map(state.__getitem__, bp.params), b.states)):
                         return None
-                    operands, lists, nullable = {"param": ps, "grad": gs}, [ps, gs], [False, False]
-                    for name, present in bp.present.items():
-                        if present is False:  # no param has it and the group's options did not change: the
-                            operands[name] = bp.nones  # launch does not read it (table addresses 0), nor do we
-                            continue
-                        lst = operands[name] = list(map(dict.get, states, repeat(name)))
-                        if present is not True and tuple(map(is_not, lst, repeat(None))) != present:
-                            return None  # a state tensor appeared or went: lazy init decides
-                        lists.append(lst)
-                        # Some params have this state (Adafactor's factored and unfactored tensors); a state every
-                        # param had and one now lacks (a deleted key) is a change: lazy init decides.
-                        nullable.append(present is not True)
-                    found = match(lists, nullable, b.param_dtype, b.grad_dtype, bp.addresses, bp.shapes)
+                    found, grads = match(bp.params, b.states, bp.state_names, bp.state_present, b.param_dtype,
+                                         b.grad_dtype, bp.addresses, bp.shapes)
                     if found == _CHANGED:
                         return None
-                    buckets.append((b, gs, operands, bp.table if found == _MATCH else None))
+                    buckets.append((b, grads, bp.table if found == _MATCH else None))
         except Exception:  # anything unexpected (a deleted state dict): the full path decides
             return None
-        for b, gs, operands, table in buckets:
-            b.grads, b.checked_operands, b.checked_table = gs, operands, table
+        for b, grads, table in buckets:
+            b.grads, b.checked_table = grads, table
         return [b for b, *_ in buckets]
 
     # -- state_dict -------------------------------------------------------------------------------------------

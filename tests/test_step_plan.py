@@ -12,6 +12,7 @@ import torch
 
 import fused_optim
 from fused_optim import backends
+from fused_optim.optimizer import _State
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(backends.unusable("native", CPU) is not None,
@@ -156,16 +157,35 @@ def test_replaced_state_tensor_is_the_one_updated():
 @pytest.mark.parametrize("change", [
     "grad_none", "state_key_deleted", "state_dict_replaced", "amsgrad_on", "backend_reference",
     "param_removed", "lr_tensor",
+    # every way to change which state dict a param maps to (optimizer._State counts them instead of a lookup)
+    "state_updated", "state_ior", "state_setdefault", "state_entry_deleted", "state_entry_popped", "state_popitem",
+    "state_cleared",
 ])
 def test_changes_drop_the_plan(change):
     def apply(opt, params):
         group = opt.param_groups[0]
+        state = opt.state
         if change == "grad_none":
             params[1].grad = None
         elif change == "state_key_deleted":
-            del opt.state[params[3]]["exp_avg_sq"]
+            del state[params[3]]["exp_avg_sq"]
         elif change == "state_dict_replaced":
-            opt.state[params[4]] = {}
+            state[params[4]] = {}
+        elif change == "state_updated":
+            state.update({params[4]: {}})
+        elif change == "state_ior":
+            state |= {params[4]: {}}
+        elif change == "state_setdefault":  # the only change setdefault can make: a param's entry gone, then added
+            dict.__delitem__(state, params[4])  # (dict's own, so that only setdefault is counted)
+            state.setdefault(params[4], {})
+        elif change == "state_entry_deleted":
+            del state[params[4]]
+        elif change == "state_entry_popped":
+            state.pop(params[4])
+        elif change == "state_popitem":
+            state.popitem()
+        elif change == "state_cleared":
+            state.clear()
         elif change == "amsgrad_on":
             group["amsgrad"] = True
         elif change == "backend_reference":
@@ -181,6 +201,49 @@ def test_changes_drop_the_plan(change):
     assert counts == ([1, 2, 3] if change in ("backend_reference", "grad_none") else DROPS)
     if change == "amsgrad_on":
         assert all("max_exp_avg_sq" in opt.state[p] for p in params)
+
+
+def test_planned_steps_look_up_no_state_unless_the_mapping_was_replaced(monkeypatch):
+    """A planned step checks the state dicts by the _State's change count, hashing no param; a mapping put in its
+    place (here a plain defaultdict holding the same dicts) is looked up param by param, and the plan holds."""
+    from collections import defaultdict
+
+    opt, params = _make(FACTORIES["adamw"], planned=True)
+    _grads(params, 0)
+    opt.step()
+    hashed = []
+    tensor_hash = torch.Tensor.__hash__
+    monkeypatch.setattr(torch.Tensor, "__hash__", lambda t: hashed.append(t) or tensor_hash(t))
+    opt.step()
+    assert (opt.collects, hashed) == (1, [])
+    opt.state = defaultdict(dict, opt.state)
+    opt.step()
+    assert opt.collects == 1 and {id(t) for t in hashed} == {id(p) for p in params}
+
+
+def test_copied_and_pickled_optimizers_plan_their_own_state():
+    """deepcopy and pickle keep the state a _State, and the copy's planned steps (planned on its own state) update
+    the copy's tensors alone, bitwise as the original's."""
+    import copy
+    import pickle
+
+    opt, params = _make(FACTORIES["adamw"], planned=True)
+    for step in range(2):
+        _grads(params, step)
+        opt.step()
+    del opt._collect  # the counting wrapper is a closure: not picklable
+    copies = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    for twin in copies:
+        assert type(twin.state) is _State
+    for step in range(2, 5):
+        for o in [opt, *copies]:
+            _grads(o.param_groups[0]["params"], step)
+            o.step()
+    for twin in copies:
+        assert twin._plan is not None and twin._plan_state[0] is twin.state  # planned on its own _State
+        for x, y in zip(params, twin.param_groups[0]["params"]):
+            assert x is not y and torch.equal(x, y)
+            assert all(torch.equal(opt.state[x][k], twin.state[y][k]) for k in opt.state[x])
 
 
 def test_add_param_group_drops_the_plan():
@@ -225,6 +288,7 @@ def test_load_state_dict_drops_the_plan():
     opt.step()
     opt.load_state_dict(opt.state_dict())
     assert opt._plan is None
+    assert type(opt.state) is _State  # torch's load_state_dict put a plain defaultdict there; __setstate__ wraps it
     opt.step()
     assert opt.collects == 2
 
@@ -304,58 +368,86 @@ def test_table_only_launch_arguments_are_checked():
 
 
 def _match_cases():
-    """(name, args of plan_match, expected result): one case per thing the check reads."""
+    """(name, args of plan_match, expected result): one case per thing the check reads. Arguments: params, states,
+    names, present, param_dtype, grad_dtype, addresses, shapes (csrc/plan.cpp)."""
     from fused_optim.optimizer import _CHANGED, _MATCH, _MOVED
     f32, bf16 = torch.float32, torch.bfloat16
-    ps = [torch.zeros(2, 3), torch.zeros(4)]
-    gs = [torch.zeros(2, 3), torch.zeros(4)]
-    ms = [torch.zeros(2, 3), None]  # a nullable state list: the second param has none
-    shapes = [p.shape for p in ps]
 
-    def addresses(*lists):
-        return [0 if t is None else t.data_ptr() for lst in lists for t in lst]
+    def bucket():
+        ps = [torch.zeros(2, 3), torch.nn.Parameter(torch.zeros(4))]
+        for p in ps:
+            p.grad = torch.zeros(p.shape)
+        # "exp_avg": every param has one; "max_exp_avg_sq": only the first (present is a tuple)
+        states = [{"exp_avg": torch.zeros(2, 3), "max_exp_avg_sq": torch.zeros(2, 3)}, {"exp_avg": torch.zeros(4)}]
+        addresses = ([p.data_ptr() for p in ps] + [p.grad.data_ptr() for p in ps]
+                     + [s["exp_avg"].data_ptr() for s in states] + [states[0]["max_exp_avg_sq"].data_ptr(), 0])
+        return [ps, states, ["exp_avg", "max_exp_avg_sq"], [True, (True, False)], f32, f32, addresses,
+                [p.shape for p in ps]]
 
-    base = addresses(ps, gs, ms)
-    moved_grad = torch.zeros(4)
-    cases = [
-        ("match", ([ps, gs, ms], [False, False, True], f32, f32, base, shapes), _MATCH),
-        ("grad at a new address", ([ps, [gs[0], moved_grad], ms], [False, False, True], f32, f32, base, shapes),
-         _MOVED),
-        ("state where the table had none", ([ps, gs, [ms[0], torch.zeros(4)]], [False, False, True], f32, f32, base,
-                                            shapes), _MOVED),
-        ("param dtype", ([ps, gs, ms], [False, False, True], bf16, f32, base, shapes), _CHANGED),
-        ("grad dtype", ([ps, gs, ms], [False, False, True], f32, bf16, base, shapes), _CHANGED),
-        ("param shape, same numel", ([ps, gs, ms], [False, False, True], f32, f32, base,
-                                     [torch.Size([3, 2]), shapes[1]]), _CHANGED),
-        ("non-contiguous grad", ([ps, [gs[0].t(), gs[1]], ms], [False, False, True], f32, f32,
-                                 addresses(ps, [gs[0].t(), gs[1]], ms), shapes), _CHANGED),
-        ("non-contiguous param", ([[ps[0].t(), ps[1]], gs, ms], [False, False, True], f32, f32,
-                                  addresses([ps[0].t(), ps[1]], gs, ms), [torch.Size([3, 2]), shapes[1]]), _CHANGED),
-        ("None in a list that may not hold one", ([ps, gs, ms], [False, False, False], f32, f32, base, shapes),
-         _CHANGED),
-        ("a missing grad", ([ps, [gs[0], None], ms], [False, False, True], f32, f32, base, shapes), _CHANGED),
-        ("a non-tensor", ([ps, gs, [ms[0], 1.0]], [False, False, True], f32, f32, base, shapes), _CHANGED),
-        ("sparse grad", ([ps, [gs[0], torch.zeros(4).to_sparse()], ms], [False, False, True], f32, f32, base,
-                         shapes), _CHANGED),
-        ("a list of another length", ([ps, gs, ms[:1]], [False, False, True], f32, f32, base, shapes), _CHANGED),
-        ("too few addresses", ([ps, gs, ms], [False, False, True], f32, f32, base[:-1], shapes), _CHANGED),
-        ("one list only", ([ps], [False], f32, f32, addresses(ps), shapes), _CHANGED),
+    def case(name, change, expected):
+        args = bucket()
+        change(args)
+        return name, args, expected
+
+    def put(container, key, value):
+        container[key] = value
+
+    def regrad(p, g):
+        p.grad = g
+
+    def set_data(p, t):
+        p.data = t
+
+    class Sub(torch.Tensor):
+        pass
+
+    return [
+        case("match", lambda a: None, _MATCH),
+        case("grad at a new address", lambda a: regrad(a[0][1], torch.zeros(4)), _MOVED),
+        case("param at a new address", lambda a: set_data(a[0][0], torch.zeros(2, 3)), _MOVED),
+        case("state tensor at a new address", lambda a: put(a[1][1], "exp_avg", torch.zeros(4)), _MOVED),
+        case("state where the table had none", lambda a: put(a[1][1], "max_exp_avg_sq", torch.zeros(4)), _CHANGED),
+        case("a state gone", lambda a: a[1][0].pop("exp_avg"), _CHANGED),
+        case("a state set to None", lambda a: put(a[1][1], "exp_avg", None), _CHANGED),
+        case("param dtype", lambda a: put(a, 4, bf16), _CHANGED),
+        case("grad dtype", lambda a: put(a, 5, bf16), _CHANGED),
+        case("param shape, same numel", lambda a: set_data(a[0][0], a[0][0].data.view(3, 2)), _CHANGED),
+        case("non-contiguous grad", lambda a: regrad(a[0][0], torch.zeros(3, 2).t()), _CHANGED),
+        case("non-contiguous param", lambda a: set_data(a[0][0], a[0][0].data.view(3, 2).t()), _CHANGED),
+        case("a missing grad", lambda a: regrad(a[0][1], None), _CHANGED),
+        case("sparse grad", lambda a: regrad(a[0][1], torch.zeros(4).to_sparse()), _CHANGED),
+        case("a non-tensor state", lambda a: put(a[1][1], "exp_avg", 1.0), _CHANGED),
+        case("a sparse state", lambda a: put(a[1][1], "exp_avg", torch.zeros(4).to_sparse()), _CHANGED),
+        case("a state that is not a dict", lambda a: put(a[1], 1, [("exp_avg", torch.zeros(4))]), _CHANGED),
+        case("a tensor subclass param", lambda a: put(a[0], 0, a[0][0].as_subclass(Sub)), _CHANGED),
+        case("a list of another length", lambda a: a[1].pop(), _CHANGED),
+        case("too few addresses", lambda a: a[6].pop(), _CHANGED),
+        case("present of another length", lambda a: put(a[3], 1, (True,)), _CHANGED),
+        case("names and present disagree", lambda a: a[3].pop(), _CHANGED),
     ]
-    return cases
 
 
 def test_plan_checks_in_c_and_python_agree(plan_check):
     """The per-tensor check of the step plan, on a case per thing it reads: the extension's plan_match and its
-    Python statement give the expected result, so the plan tests above, which run with each, test the same rule."""
-    from fused_optim.optimizer import _plan_match_py
+    Python statement give the expected result (and the grads they read), so the plan tests above, which run with
+    each, test the same rule."""
+    from fused_optim.optimizer import _CHANGED, _plan_match_py
     match = fused_optim.native.plan_match() if plan_check == "C" else _plan_match_py
-    found = {name: match(*args) for name, args, _ in _match_cases()}
-    assert found == {name: expected for name, _, expected in _match_cases()}
+    found, expected = {}, {}
+    for name, args, result in _match_cases():
+        found[name] = match(*args)
+        expected[name] = (result, None) if result == _CHANGED else (result, [p.grad for p in args[0]])
+    for name in found:  # grads by identity: the check hands back the very grad objects
+        got, want = found[name], expected[name]
+        assert got[0] == want[0], name
+        assert (got[1] is None) == (want[1] is None) and all(map(lambda x, y: x is y, got[1] or [], want[1] or [])), name
 
 
 def test_plan_match_refuses_wrong_argument_types():
     match = fused_optim.native.load().plan_match  # the extension's (the Python check takes any sequences)
-    with pytest.raises(TypeError, match="takes 6 arguments"):
+    with pytest.raises(TypeError, match="takes 8 arguments"):
         match([], [])
     with pytest.raises(TypeError, match="param_dtype: torch.dtype"):
-        match([], [], "float32", torch.float32, [], [])
+        match([], [], [], [], "float32", torch.float32, [], [])
+    with pytest.raises(TypeError, match="names: list"):
+        match([], [], ("exp_avg",), [], torch.float32, torch.float32, [], [])
