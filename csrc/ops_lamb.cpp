@@ -24,10 +24,11 @@
 //
 //   fused_optim::grad_sq_(Tensor[] grads, Tensor grad_table, Tensor numels, Tensor block_tensor,
 //                         Tensor block_start, Tensor(a!) arrivals, int block, Tensor? grad_scale, Tensor? found_inf,
-//                         Tensor(b!) partials) -> ()
+//                         Tensor(b!) partials, ScalarType? grad_dtype=None) -> ()
 //
 // Per-block Σg² of every grad (divided by grad_scale first, not written back) into `partials` [1, n_blocks]: the
-// grad pass of the global gradient norm of max_grad_norm. found_inf nonzero: zeros.
+// grad pass of the global gradient norm of max_grad_norm. found_inf nonzero: zeros. `grad_dtype`: a table-only
+// launch, `grads` empty.
 //
 //   fused_optim::segment_sum(Tensor partials, Tensor seg_start) -> Tensor
 //
@@ -65,10 +66,11 @@ void lamb_cpu_op(at::TensorList params, at::TensorList grads, at::TensorList exp
 void grad_sq_cpu_op(at::TensorList grads, const at::Tensor& grad_table, const at::Tensor& numels,
                     const at::Tensor& block_tensor, const at::Tensor& block_start, const at::Tensor& arrivals,
                     int64_t block, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf, const at::Tensor& partials) {
-  if (grads.empty()) return;
+                    const std::optional<at::Tensor>& found_inf, const at::Tensor& partials,
+                    std::optional<at::ScalarType> grad_dtype) {
+  if (grads.empty() && !grad_dtype) return;
   grad_sq_cpu(make_grad_sq_launch(grads, grad_table, numels, block_tensor, block_start, arrivals, block, grad_scale,
-                                  found_inf, partials, /*host_tables=*/true));
+                                  found_inf, partials, grad_dtype, /*host_tables=*/true));
 }
 
 at::Tensor segment_sum_cpu_op(const at::Tensor& partials, const at::Tensor& seg_start) {
@@ -91,7 +93,8 @@ TORCH_LIBRARY_FRAGMENT(fused_optim, m) {
       "Tensor? found_inf, ScalarType? param_dtype=None, ScalarType? grad_dtype=None, bool master=False) -> ()");
   m.def(
       "grad_sq_(Tensor[] grads, Tensor grad_table, Tensor numels, Tensor block_tensor, Tensor block_start, "
-      "Tensor(a!) arrivals, int block, Tensor? grad_scale, Tensor? found_inf, Tensor(b!) partials) -> ()");
+      "Tensor(a!) arrivals, int block, Tensor? grad_scale, Tensor? found_inf, Tensor(b!) partials, "
+      "ScalarType? grad_dtype=None) -> ()");
   m.def("segment_sum(Tensor partials, Tensor seg_start) -> Tensor");
 }
 

@@ -116,22 +116,33 @@ inline LambLaunch make_lamb_launch(at::TensorList params, at::TensorList grads, 
   return l;
 }
 
-// Checks every argument of fused_optim::grad_sq_ and fills the launch.
+// Checks every argument of fused_optim::grad_sq_ and fills the launch. `grad_dtype` set: a table-only launch (the
+// optimizer's step plan checked the grads against the table; see TablesOnly in ops_common.h), `grads` empty.
 inline GradSqLaunch make_grad_sq_launch(at::TensorList grads, const at::Tensor& grad_table, const at::Tensor& numels,
                                         const at::Tensor& block_tensor, const at::Tensor& block_start,
                                         const at::Tensor& arrivals, int64_t block,
                                         const std::optional<at::Tensor>& grad_scale,
                                         const std::optional<at::Tensor>& found_inf, const at::Tensor& partials,
-                                        bool host_tables) {
+                                        std::optional<at::ScalarType> grad_dtype, bool host_tables) {
   constexpr const char* op = "fused_optim::grad_sq_";
-  const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(n > 0, op, ": grads is empty");
-  const at::Device device = grads[0].device();
   GradSqLaunch l{};
-  l.grad_dtype = dtype_of(grads[0], "grads", 0, op);
-  check_list(grads, "grads", n, device, grads[0].scalar_type(), grads, false, op);
+  int64_t n = 0;
+  at::Device device = numels.device();
+  if (grad_dtype) {
+    TORCH_CHECK(grads.empty(), op, ": a table-only launch (grad_dtype given) takes grads empty; its table is its "
+                "operand");
+    n = numels.numel();
+    TORCH_CHECK(n > 0, op, ": a table-only launch of no tensors (numels is empty)");
+    l.grad_dtype = dtype_from(*grad_dtype, "grad_dtype", op);
+  } else {
+    n = static_cast<int64_t>(grads.size());
+    TORCH_CHECK(n > 0, op, ": grads is empty");
+    device = grads[0].device();
+    l.grad_dtype = dtype_of(grads[0], "grads", 0, op);
+    check_list(grads, "grads", n, device, grads[0].scalar_type(), grads, false, op);
+  }
   const char* names[] = {"grad"};
-  const at::TensorList lists[] = {grads};
+  const at::TensorList lists[] = {grads};  // empty for a table-only launch: its addresses are not checked here
   const at::Tensor tables[] = {grad_table};
   l.map = check_block_map(op, names, lists, 1, tables, numels, block_tensor, block_start, arrivals, block, n, device,
                           grads, host_tables);

@@ -33,11 +33,12 @@ void lamb_cuda_op(at::TensorList params, at::TensorList grads, at::TensorList ex
 void grad_sq_cuda_op(at::TensorList grads, const at::Tensor& grad_table, const at::Tensor& numels,
                      const at::Tensor& block_tensor, const at::Tensor& block_start, const at::Tensor& arrivals,
                      int64_t block, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf, const at::Tensor& partials) {
-  if (grads.empty()) return;
+                     const std::optional<at::Tensor>& found_inf, const at::Tensor& partials,
+                     std::optional<at::ScalarType> grad_dtype) {
+  if (grads.empty() && !grad_dtype) return;
   const GradSqLaunch l = make_grad_sq_launch(grads, grad_table, numels, block_tensor, block_start, arrivals, block,
-                                             grad_scale, found_inf, partials, /*host_tables=*/false);
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+                                             grad_scale, found_inf, partials, grad_dtype, /*host_tables=*/false);
+  const c10::cuda::CUDAGuard guard(numels.device());
   const char* error = grad_sq_cuda(l, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(error == nullptr, "fused_optim::grad_sq_ CUDA launch failed: ", error);
 }

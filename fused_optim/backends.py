@@ -293,7 +293,10 @@ def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, fo
         return kernels.grad_sq_norm(table, grad_dtype=bucket.grad_dtype, grad_scale=grad_scale,
                                     found_inf=found_inf)
     if bucket.backend == "native":
-        table, _ = _table(bucket, native.RULES[rule], tables)
+        table, operands = _table(bucket, native.RULES[rule], tables)
+        if operands is None:  # the step plan checked the grads against this table: pass it alone
+            return native.grad_sq_norm(table, None, grad_scale=grad_scale, found_inf=found_inf,
+                                       grad_dtype=bucket.grad_dtype)
         return native.grad_sq_norm(table, bucket.grads, grad_scale=grad_scale, found_inf=found_inf)
     raise ValueError(f"unknown backend {bucket.backend!r}")
 

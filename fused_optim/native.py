@@ -299,15 +299,17 @@ def segment_sum(partials: Tensor, seg_start: Tensor) -> Tensor:
     return torch.ops.fused_optim.segment_sum(partials, seg_start)
 
 
-def grad_sq_norm(table, grads: list, *, grad_scale=None, found_inf=None) -> Tensor:
+def grad_sq_norm(table, grads: list | None, *, grad_scale=None, found_inf=None, grad_dtype=None) -> Tensor:
     """Σ g² over every grad of ``table`` (``grads``: the tensors of its ``grad`` operand; each divided by
     ``grad_scale`` first, as pass 1 of ``lamb`` divides it), a 0-d fp32 tensor on their device: the per-block
     partials, then one segment over all of them. Two launches, no host synchronization, deterministic; 0 when
-    ``found_inf`` is set (the step is skipped)."""
+    ``found_inf`` is set (the step is skipped). ``grad_dtype`` instead of ``grads``: a table-only launch, for a
+    caller (the optimizer's step plan) that checked the grads against the table this step."""
     load()
     partials = torch.empty((1, table.n_blocks), dtype=torch.float32, device=table.numels.device)
-    _launch(torch.ops.fused_optim.grad_sq_, grads, table.ptrs["grad"], table.numels, table.block_tensor,
-            table.block_start, table.arrivals, table.block, grad_scale, found_inf, partials)
+    _launch(torch.ops.fused_optim.grad_sq_, [] if grads is None else grads, table.ptrs["grad"], table.numels,
+            table.block_tensor, table.block_start, table.arrivals, table.block, grad_scale, found_inf, partials,
+            grad_dtype)
     whole = table.first_block[:: table.n_tensors].contiguous()  # [0, n_blocks]: one segment over every block
     return segment_sum(partials, whole)[0, 0]
 

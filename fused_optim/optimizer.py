@@ -387,7 +387,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # full path above, which checks and raises as before and records a new plan. New grad objects at new addresses
     # keep the plan and only rebuild the table. Sharded (DTensor) and reference buckets always take the full path.
     # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam and LAMB
-    # operators with their tables alone (backends._run_native; csrc/ops_common.h, TablesOnly). The checks here
+    # operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native, grad_sq_norm;
+    # csrc/ops_common.h, TablesOnly). The checks here
     # stand in for the operator's: every address equal to the table's, and the params' and grads' dtype, shape and
     # contiguity; a state tensor at an address of the table is taken to be the fp32 tensor the full path checked
     # there (as the table itself does).

@@ -300,13 +300,14 @@ def test_planned_native_launches_pass_no_tensor_lists(rule):
     path is what the twin tests above check: their planned steps are table-only launches.)"""
     from fused_optim import native
 
-    op = {"adamw": torch.ops.fused_optim.adam_, "lamb": torch.ops.fused_optim.lamb_}[rule]
-    seen = []  # per step: the params-list lengths of the rule's launches
+    # FusedLAMB's max_grad_norm (FACTORIES) adds grad_sq_, the grads' pass of the global norm: table-only too.
+    ops = {"adamw": [torch.ops.fused_optim.adam_], "lamb": [torch.ops.fused_optim.lamb_, torch.ops.fused_optim.grad_sq_]}
+    seen = []  # per step: (operator, length of its first tensor list) of the rule's launches
     launch = native._launch
 
     def spy(fn, *args):
-        if fn is op:
-            seen[-1].append(len(args[0]))
+        if fn in ops[rule]:
+            seen[-1].append((str(fn), len(args[0])))
         launch(fn, *args)
 
     def move_grads(opt, params):  # new addresses: the table is rebuilt, the lists are passed once
@@ -332,7 +333,8 @@ def test_planned_native_launches_pass_no_tensor_lists(rule):
     finally:
         native._launch = launch
     n = len(SHAPES)
-    assert lengths == [[n], [0], [0], [n], [0]]
+    full, planned = ([(str(op), n) for op in ops[rule]], [(str(op), 0) for op in ops[rule]])
+    assert lengths == [sorted(full), sorted(planned), sorted(planned), sorted(full), sorted(planned)]
 
 
 def test_table_only_launch_arguments_are_checked():
@@ -365,6 +367,27 @@ def test_table_only_launch_arguments_are_checked():
     before = [p.clone() for p in params]
     op(*args)  # the captured table-only launch, run by hand: it updates the params
     assert not any(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_table_only_grad_norm_arguments_are_checked():
+    """grad_sq_ (FusedLAMB's max_grad_norm) with grad_dtype takes grads empty, and gives the sums of the list launch."""
+    from fused_optim import native
+
+    opt, params = _make(FACTORIES["lamb"], planned=True)
+    _grads(params, 0)
+    opt.step()
+    table = next(iter(opt._tables.values()))
+    grads = [p.grad for p in params]
+    with_lists = native.grad_sq_norm(table, grads)
+    table_only = native.grad_sq_norm(table, None, grad_dtype=torch.float32)
+    assert torch.equal(with_lists, table_only)  # the same blocks summed in the same order
+    partials = torch.empty((1, table.n_blocks))
+    head = (table.ptrs["grad"], table.numels, table.block_tensor, table.block_start, table.arrivals, table.block,
+            None, None, partials)
+    with pytest.raises(RuntimeError, match="table-only launch .grad_dtype given. takes grads empty"):
+        torch.ops.fused_optim.grad_sq_(grads, *head, torch.float32)
+    with pytest.raises(RuntimeError, match="grad_dtype has dtype Long"):
+        torch.ops.fused_optim.grad_sq_([], *head, torch.int64)
 
 
 def _match_cases():
