@@ -6,8 +6,9 @@
 // One bucket of n params: `params` (list of n tensors), `states` (list of their n state dicts), `names` (list of k
 // str: the state keys the launch reads, in table order), `present` (list of k: True when every param has that
 // state, else a tuple of n bools saying which do), `param_dtype` and `grad_dtype` (torch.dtype), `addresses`
-// ((2 + k) * n ints, operand by operand: the params, their grads, then each state in `names` order; 0 for a state a
-// param does not have) and `shapes` (the n params' torch.Size) as they were when the table was built. Each param's
+// (an int64 buffer, array.array('q'), of (2 + k) * n entries, operand by operand: the params, their grads, then each
+// state in `names` order; 0 for a state a param does not have) and `shapes` (the n params' torch.Size) as they were
+// when the table was built. Each param's
 // grad is read here (Tensor.grad, in C++), each state from its dict. Returns
 //   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous) of dtype
 //                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`,
@@ -24,6 +25,8 @@
 // reading the grads and five attributes of each of 5,000 tensors through Python took most of a planned step's
 // host time.
 #include "plan.h"
+
+#include <cstring>
 
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -63,31 +66,27 @@ bool strided_address(const at::Tensor& t, int64_t* out) {
   return true;
 }
 
-// Walks the addresses in table order; `moved` turns true at the first one that differs.
+// Walks the expected addresses in table order.
 class Addresses {
  public:
-  explicit Addresses(PyObject* list) : list_(list) {}
-  bool next_equals(int64_t address, bool* ok) {
-    int64_t expected = 0;
-    *ok = as_int64(PyList_GET_ITEM(list_, at_++), &expected);
-    return expected == address;
-  }
+  explicit Addresses(const int64_t* data) : data_(data) {}
+  bool next_equals(int64_t address) { return data_[at_++] == address; }
 
  private:
-  PyObject* list_;
+  const int64_t* data_;
   Py_ssize_t at_ = 0;
 };
 
 // kMatch, kMoved or kChanged, with the grads appended to `grads` (a new list of n) unless kChanged; throws only for
 // a C++ error in a tensor's accessors (the caller maps it to kChanged).
 long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject* present, at::ScalarType param_dtype,
-                  at::ScalarType grad_dtype, PyObject* addresses, PyObject* shapes, PyObject* grads) {
+                  at::ScalarType grad_dtype, const Py_buffer& addresses, PyObject* shapes, PyObject* grads) {
   const Py_ssize_t n = PyList_GET_SIZE(shapes), k = PyList_GET_SIZE(names);
   if (PyList_GET_SIZE(params) != n || PyList_GET_SIZE(states) != n || PyList_GET_SIZE(present) != k ||
-      PyList_GET_SIZE(addresses) != (2 + k) * n)
+      addresses.len != (2 + k) * n * static_cast<Py_ssize_t>(sizeof(int64_t)))
     return kChanged;
-  bool moved = false, ok = true;
-  Addresses expected(addresses);
+  bool moved = false;
+  Addresses expected(static_cast<const int64_t*>(addresses.buf));
   // The params, then their grads (two walks over the list, to keep the table's order).
   for (int pass = 0; pass < 2; ++pass) {
     for (Py_ssize_t i = 0; i < n; ++i) {
@@ -110,8 +109,7 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
         }
         PyList_SET_ITEM(grads, i, wrapped);  // steals the reference
       }
-      moved = !expected.next_equals(address, &ok) || moved;
-      if (!ok) return kChanged;
+      moved = !expected.next_equals(address) || moved;
     }
   }
   // The states, name by name.
@@ -138,8 +136,7 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
       int64_t address = 0;
       if (found && (!THPVariable_Check(value) || !strided_address(THPVariable_Unpack(value), &address)))
         return kChanged;
-      moved = !expected.next_equals(address, &ok) || moved;
-      if (!ok) return kChanged;
+      moved = !expected.next_equals(address) || moved;
     }
   }
   return moved ? kMoved : kMatch;
@@ -147,20 +144,38 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
 
 PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   static const char* usage = "plan_match(params: list, states: list, names: list, present: list, param_dtype: "
-                             "torch.dtype, grad_dtype: torch.dtype, addresses: list, shapes: list)";
+                             "torch.dtype, grad_dtype: torch.dtype, addresses: array('q'), shapes: list)";
   if (nargs != 8) {
     PyErr_Format(PyExc_TypeError, "%s takes 8 arguments, got %zd", usage, nargs);
     return nullptr;
   }
-  PyObject *params = args[0], *states = args[1], *names = args[2], *present = args[3], *addresses = args[6],
-           *shapes = args[7];
+  PyObject *params = args[0], *states = args[1], *names = args[2], *present = args[3], *shapes = args[7];
   if (!PyList_Check(params) || !PyList_Check(states) || !PyList_Check(names) || !PyList_Check(present) ||
-      !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(addresses) || !PyList_Check(shapes)) {
+      !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(shapes)) {
+    PyErr_SetString(PyExc_TypeError, usage);
+    return nullptr;
+  }
+  // The addresses as one buffer of int64 (array.array('q')): read in place, not one Python int at a time.
+  Py_buffer addresses;
+  if (PyObject_GetBuffer(args[6], &addresses, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_TypeError, usage);
+    return nullptr;
+  }
+  const char* format = addresses.format == nullptr ? "" : addresses.format;
+  if (*format == '@' || *format == '=') ++format;  // native byte order, as 'q' alone
+  const bool int64s = addresses.itemsize == sizeof(int64_t) && (std::strcmp(format, "q") == 0 ||
+                                                                 std::strcmp(format, "l") == 0);
+  if (!int64s) {
+    PyBuffer_Release(&addresses);
     PyErr_SetString(PyExc_TypeError, usage);
     return nullptr;
   }
   PyObject* grads = PyList_New(PyList_GET_SIZE(shapes));  // filled with new references as the grads are read
-  if (grads == nullptr) return nullptr;
+  if (grads == nullptr) {
+    PyBuffer_Release(&addresses);
+    return nullptr;
+  }
   long result = kChanged;
   try {
     result = bucket_match(params, states, names, present, reinterpret_cast<THPDtype*>(args[4])->scalar_type,
@@ -168,6 +183,7 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   } catch (const std::exception&) {
     result = kChanged;  // e.g. a tensor whose data_ptr() throws: the full path decides
   }
+  PyBuffer_Release(&addresses);
   if (result == kChanged) {
     Py_DECREF(grads);  // PyList's dealloc skips the slots still NULL
     return Py_BuildValue("(lO)", result, Py_None);

@@ -19,6 +19,7 @@ which would round the fp32 moments and master weights of a bf16 param to bf16.
 """
 from __future__ import annotations
 
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import chain, repeat
@@ -69,7 +70,7 @@ def _address_or_0(t) -> int:
 
 
 def _plan_match_py(params: list, states: list, names: list, present: list, param_dtype, grad_dtype,
-                   addresses: list, shapes: list) -> tuple:
+                   addresses: array, shapes: list) -> tuple:
     """The step plan's per-tensor check of one bucket; ``plan_match`` of the native extension (csrc/plan.cpp, whose
     comment says what each argument is) is the same check in C, used when the extension is there;
     tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
@@ -101,7 +102,7 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
             found.extend(map(_address_or_0, values))
     except Exception:  # a non-tensor, a tensor without storage
         return _CHANGED, None
-    return (_MATCH if found == addresses else _MOVED), grads
+    return (_MATCH if array("q", found) == addresses else _MOVED), grads
 
 
 class _State(defaultdict):
@@ -138,7 +139,7 @@ class _BucketPlan:
     state_names: list  # the state operands some param has, in table order (what plan_match reads)
     state_present: list  # per state_names: True (every param has it) or a tuple of bools per param
     shapes: list  # of the params
-    addresses: list  # the table's addresses in table order, less those of the operands no param has (all 0)
+    addresses: array  # int64: the table's addresses in table order, less those of the operands no param has
     table: object  # the cached table those addresses are the key of
 
     def use(self, table) -> None:
@@ -146,8 +147,8 @@ class _BucketPlan:
         n = len(self.params)
         read = {"param", "grad", *self.state_names}
         self.table = table
-        self.addresses = [a for k, name in enumerate(self.names) if name in read
-                          for a in table.key[0][k * n:(k + 1) * n]]
+        self.addresses = array("q", [a for k, name in enumerate(self.names) if name in read
+                                     for a in table.key[0][k * n:(k + 1) * n]])
 
 
 @dataclass

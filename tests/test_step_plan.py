@@ -7,6 +7,8 @@ after re-reading everything they depend on. Each test changes one thing between 
 * the plan was reused where nothing it depends on changed and dropped where something did (the full path's
   ``_collect`` is counted), so a plan that is never used, or never dropped, fails here.
 """
+from array import array
+
 import pytest
 import torch
 
@@ -402,8 +404,8 @@ def _match_cases():
             p.grad = torch.zeros(p.shape)
         # "exp_avg": every param has one; "max_exp_avg_sq": only the first (present is a tuple)
         states = [{"exp_avg": torch.zeros(2, 3), "max_exp_avg_sq": torch.zeros(2, 3)}, {"exp_avg": torch.zeros(4)}]
-        addresses = ([p.data_ptr() for p in ps] + [p.grad.data_ptr() for p in ps]
-                     + [s["exp_avg"].data_ptr() for s in states] + [states[0]["max_exp_avg_sq"].data_ptr(), 0])
+        addresses = array("q", [p.data_ptr() for p in ps] + [p.grad.data_ptr() for p in ps]
+                          + [s["exp_avg"].data_ptr() for s in states] + [states[0]["max_exp_avg_sq"].data_ptr(), 0])
         return [ps, states, ["exp_avg", "max_exp_avg_sq"], [True, (True, False)], f32, f32, addresses,
                 [p.shape for p in ps]]
 
@@ -471,6 +473,10 @@ def test_plan_match_refuses_wrong_argument_types():
     with pytest.raises(TypeError, match="takes 8 arguments"):
         match([], [])
     with pytest.raises(TypeError, match="param_dtype: torch.dtype"):
-        match([], [], [], [], "float32", torch.float32, [], [])
+        match([], [], [], [], "float32", torch.float32, array("q"), [])
     with pytest.raises(TypeError, match="names: list"):
-        match([], [], ("exp_avg",), [], torch.float32, torch.float32, [], [])
+        match([], [], ("exp_avg",), [], torch.float32, torch.float32, array("q"), [])
+    for addresses in ([], array("i"), array("d")):  # int64s only, in one buffer
+        with pytest.raises(TypeError, match=r"addresses: array\('q'\)"):
+            match([], [], [], [], torch.float32, torch.float32, addresses, [])
+    assert match([], [], [], [], torch.float32, torch.float32, array("q"), []) == (0, [])  # an empty bucket matches
