@@ -107,26 +107,30 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
 
 class _State(defaultdict):
     """``optimizer.state``: torch.optim's ``defaultdict(dict)`` that also counts the calls that can change which
-    state dict a param maps to. A planned step compares the count with the one its plan recorded instead of looking
-    up every param (``Tensor.__hash__`` is Python code: about 0.1 us a param). A mapping of another type put in its
-    place (by user code, or torch's ``load_state_dict`` before this class wraps it) is looked up param by param."""
+    state dict a param maps to (``_changes``). A planned step compares the count with the one its plan recorded
+    instead of looking up every param (``Tensor.__hash__`` is Python code: about 0.1 us a param). A mapping of another
+    type put in its place (by user code, or torch's ``load_state_dict`` before this class wraps it) is looked up param
+    by param."""
 
     _changes = 0
 
-    def _counted(name):  # noqa: N805 (a helper of the class body, deleted below)
-        method = getattr(defaultdict, name)
 
-        def counted(self, *args, **kwargs):
-            self._changes += 1
-            return method(self, *args, **kwargs)
+def _counting(name: str):
+    """``defaultdict``'s method ``name``, counting its calls in ``_changes``."""
+    method = getattr(defaultdict, name)
 
-        counted.__name__ = name
-        return counted
+    def counted(self, *args, **kwargs):
+        self._changes += 1
+        return method(self, *args, **kwargs)
 
-    # Every dict method that can add, replace or remove a key; defaultdict's __missing__ adds through __setitem__.
-    for _name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
-        locals()[_name] = _counted(_name)
-    del _name, _counted
+    counted.__name__ = counted.__qualname__ = name
+    return counted
+
+
+# Every dict method that can add, replace or remove a key; defaultdict's __missing__ adds through __setitem__.
+for _name in ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update", "setdefault"):
+    setattr(_State, _name, _counting(_name))
+del _name
 
 
 @dataclass
