@@ -11,11 +11,13 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "adafactor_launch.h"
+#include "ops_common.h"
 
 namespace fused_optim {
 namespace adafactor_ops {
@@ -281,6 +283,34 @@ inline void check_eps1(const char* op, double eps1) {
   TORCH_CHECK(eps1 >= 0.0, op, ": eps1 must be >= 0, got ", eps1);
 }
 
+// Table-only launches (ops_common.h, TablesOnly): the optimizer's step plan has checked this step that every tensor
+// still has the dtype, contiguity, shape and address the TileTable holds, so it passes every tensor list empty and
+// states the dtypes instead: passes 1 and 3 take param_dtype, grad_dtype and master (ops_common.h, launch_group), pass
+// 2 grad_dtype, the statistics `tables_only`. The launch then has meta's tensor count and device, and the operator
+// checks the tables and (CPU) the tile map against meta as a list launch does; the tensors' checks are the caller's.
+inline int64_t table_size(const at::Tensor& meta) {  // check_table checks meta's shape
+  return meta.dim() == 2 ? meta.size(0) : 0;
+}
+
+// The tensor count of a pass 2 or statistics launch, and its device: from `first` (grads, steps) or, table-only
+// (`flag`: the argument that says so), from meta; then every list, `first` and `others`, must be empty.
+inline int64_t launch_size(const char* op, bool tables_only, const char* flag, at::TensorList first,
+                           const char* first_name, std::initializer_list<at::TensorList> others,
+                           const at::Tensor& meta, at::Device* device) {
+  if (tables_only) {
+    bool empty = first.empty();
+    for (const at::TensorList& list : others) empty = empty && list.empty();
+    TORCH_CHECK(empty, op, ": a table-only launch (", flag, ") takes every tensor list empty; its tables are its "
+                "operands");
+    TORCH_CHECK(table_size(meta) > 0, op, ": a table-only launch of no tensors (its tables are empty)");
+    *device = meta.device();
+    return table_size(meta);
+  }
+  TORCH_CHECK(!first.empty(), op, ": ", first_name, " is empty");
+  *device = first[0].device();
+  return static_cast<int64_t>(first.size());
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The launches. Each make_* checks every argument of its operator and fills the launch struct.
 // ---------------------------------------------------------------------------------------------------------------
@@ -288,36 +318,36 @@ inline AdafactorLaunch make_pass1(at::TensorList params, at::TensorList grads, a
                                   at::TensorList tables, const at::Tensor& meta, const at::Tensor& tile_tensor,
                                   const at::Tensor& partials, int64_t n_partials, double eps1,
                                   const std::optional<at::Tensor>& grad_scale,
-                                  const std::optional<at::Tensor>& found_inf, bool host) {
+                                  const std::optional<at::Tensor>& found_inf, const TablesOnly& only, bool host) {
   const char* op = "fused_optim::adafactor_pass1_";
-  TORCH_CHECK(!params.empty(), op, ": params is empty");
-  const int64_t n = static_cast<int64_t>(params.size());
-  const at::Device device = params[0].device();
+  const LaunchGroup g = launch_group(op, only, params, grads, master_params, {}, table_size(meta), meta.device());
+  check_master(op, g.master, g.param_dtype);
+  const int64_t n = g.n;
+  const at::Device device = g.device;
   const TileTotals tot = check_table(op, tables, meta, n, device, host);
   check_tile_tensor(op, tile_tensor, meta, tot, n, device, host);
-  check_full_list(op, params, "params", n, device, std::nullopt, meta, host, false);
-  check_full_list(op, grads, "grads", n, device, std::nullopt, meta, host, false);
-  const bool master = !master_params.empty();
-  const DType param_dtype = dtype_of(op, params[0], "params");
-  check_master(op, master, param_dtype);
-  if (master) check_full_list(op, master_params, "master_params", n, device, at::kFloat, meta, host, false);
-  if (host) {
-    check_shapes(op, params, "params", meta);
-    check_addresses(op, params, kParam, tables[kParam], host);
-    check_addresses(op, grads, kGrad, tables[kGrad], host);
-    check_addresses(op, master_params, kMaster, tables[kMaster], host);
-    TORCH_CHECK(n_partials == tot.n_partials, op, ": n_partials is ", n_partials, " but the table has ",
-                tot.n_partials, " row and column partials", kRebuild);
+  if (!g.tables_only) {
+    check_full_list(op, params, "params", n, device, std::nullopt, meta, host, false);
+    check_full_list(op, grads, "grads", n, device, std::nullopt, meta, host, false);
+    if (g.master) check_full_list(op, master_params, "master_params", n, device, at::kFloat, meta, host, false);
+    if (host) {
+      check_shapes(op, params, "params", meta);
+      check_addresses(op, params, kParam, tables[kParam], host);
+      check_addresses(op, grads, kGrad, tables[kGrad], host);
+      check_addresses(op, master_params, kMaster, tables[kMaster], host);
+    }
   }
+  TORCH_CHECK(!host || n_partials == tot.n_partials, op, ": n_partials is ", n_partials, " but the table has ",
+              tot.n_partials, " row and column partials", kRebuild);
   TORCH_CHECK(n_partials >= 0, op, ": n_partials must be >= 0, got ", n_partials);
   check_buffer(op, partials, "partials", n_partials + tile_tensor.numel(), device);
   check_eps1(op, eps1);
 
   AdafactorLaunch l = base_launch(AdafactorPass::kPass1, tables, meta, grad_scale, found_inf, op, device);
   set_tile_map(l, tile_tensor, nullptr);
-  l.param_dtype = param_dtype;
-  l.grad_dtype = dtype_of(op, grads[0], "grads");
-  l.master = master;
+  l.param_dtype = g.param_dtype;
+  l.grad_dtype = g.grad_dtype;
+  l.master = g.master;
   l.args.row_col_out = partials.data_ptr<float>();
   l.args.total_out = partials.data_ptr<float>() + n_partials;
   l.args.eps1 = eps1;
@@ -327,18 +357,21 @@ inline AdafactorLaunch make_pass1(at::TensorList params, at::TensorList grads, a
 inline AdafactorLaunch make_statistics(at::TensorList exp_avg_sq_rows, at::TensorList exp_avg_sq_cols,
                                        at::TensorList steps, at::TensorList tables, const at::Tensor& meta,
                                        const at::Tensor& stat_tensor, const at::Tensor& stats, int64_t n_rows,
-                                       double decay_rate, const std::optional<at::Tensor>& found_inf, bool host) {
+                                       double decay_rate, const std::optional<at::Tensor>& found_inf,
+                                       bool tables_only, bool host) {
   const char* op = "fused_optim::adafactor_statistics_";
-  TORCH_CHECK(!steps.empty(), op, ": steps is empty");
-  const int64_t n = static_cast<int64_t>(steps.size());
-  const at::Device device = steps[0].device();
+  at::Device device = meta.device();
+  const int64_t n = launch_size(op, tables_only, "tables_only=True", steps, "steps",
+                                {exp_avg_sq_rows, exp_avg_sq_cols}, meta, &device);
   const TileTotals tot = check_table(op, tables, meta, n, device, host);
-  check_full_list(op, steps, "steps", n, device, at::kFloat, meta, host, true);
-  check_addresses(op, steps, kStep, tables[kStep], host);
-  check_compact_list(op, exp_avg_sq_rows, "exp_avg_sq_rows", kRow, tables[kRow], meta, n, tot, device, host);
-  check_compact_list(op, exp_avg_sq_cols, "exp_avg_sq_cols", kCol, tables[kCol], meta, n, tot, device, host);
-  TORCH_CHECK(exp_avg_sq_rows.size() == exp_avg_sq_cols.size(), op, ": ", exp_avg_sq_rows.size(),
-              " exp_avg_sq_rows but ", exp_avg_sq_cols.size(), " exp_avg_sq_cols; pass both for every matrix");
+  if (!tables_only) {
+    check_full_list(op, steps, "steps", n, device, at::kFloat, meta, host, true);
+    check_addresses(op, steps, kStep, tables[kStep], host);
+    check_compact_list(op, exp_avg_sq_rows, "exp_avg_sq_rows", kRow, tables[kRow], meta, n, tot, device, host);
+    check_compact_list(op, exp_avg_sq_cols, "exp_avg_sq_cols", kCol, tables[kCol], meta, n, tot, device, host);
+    TORCH_CHECK(exp_avg_sq_rows.size() == exp_avg_sq_cols.size(), op, ": ", exp_avg_sq_rows.size(),
+                " exp_avg_sq_rows but ", exp_avg_sq_cols.size(), " exp_avg_sq_cols; pass both for every matrix");
+  }
   const int64_t n_entries = stat_tensor.numel();
   check_vector(op, stat_tensor, "stat_tensor", at::kInt, host ? tot.n_rows + tot.n_cols : -1, device);
   TORCH_CHECK(n_rows >= 0 && n_rows <= n_entries && (!host || n_rows == tot.n_rows), op, ": n_rows is ", n_rows,
@@ -378,20 +411,24 @@ inline AdafactorLaunch make_pass2(at::TensorList grads, at::TensorList exp_avg_s
                                   const at::Tensor& stats, const at::Tensor& batch_sums,
                                   const at::Tensor& usq_partials, double eps1, double decay_rate,
                                   const std::optional<at::Tensor>& grad_scale,
-                                  const std::optional<at::Tensor>& found_inf, bool host) {
+                                  const std::optional<at::Tensor>& found_inf,
+                                  std::optional<at::ScalarType> grad_dtype, bool host) {
   const char* op = "fused_optim::adafactor_pass2_";
-  TORCH_CHECK(!grads.empty(), op, ": grads is empty");
-  const int64_t n = static_cast<int64_t>(grads.size());
-  const at::Device device = grads[0].device();
+  const bool tables_only = grad_dtype.has_value();
+  at::Device device = meta.device();
+  const int64_t n =
+      launch_size(op, tables_only, "grad_dtype given", grads, "grads", {exp_avg_sqs, steps}, meta, &device);
   const TileTotals tot = check_table(op, tables, meta, n, device, host);
   check_tile_tensor(op, tile_tensor, meta, tot, n, device, host);
-  check_full_list(op, grads, "grads", n, device, std::nullopt, meta, host, false);
-  check_full_list(op, steps, "steps", n, device, at::kFloat, meta, host, true);
-  check_compact_list(op, exp_avg_sqs, "exp_avg_sqs", kSq, tables[kSq], meta, n, tot, device, host);
-  if (host) {
-    check_shapes(op, grads, "grads", meta);
-    check_addresses(op, grads, kGrad, tables[kGrad], host);
-    check_addresses(op, steps, kStep, tables[kStep], host);
+  if (!tables_only) {
+    check_full_list(op, grads, "grads", n, device, std::nullopt, meta, host, false);
+    check_full_list(op, steps, "steps", n, device, at::kFloat, meta, host, true);
+    check_compact_list(op, exp_avg_sqs, "exp_avg_sqs", kSq, tables[kSq], meta, n, tot, device, host);
+    if (host) {
+      check_shapes(op, grads, "grads", meta);
+      check_addresses(op, grads, kGrad, tables[kGrad], host);
+      check_addresses(op, steps, kStep, tables[kStep], host);
+    }
   }
   check_buffer(op, stats, "stats", host ? tot.n_rows + tot.n_cols + n : -1, device);
   check_buffer(op, batch_sums, "batch_sums", host ? tot.n_batches : -1, device);
@@ -401,7 +438,7 @@ inline AdafactorLaunch make_pass2(at::TensorList grads, at::TensorList exp_avg_s
 
   AdafactorLaunch l = base_launch(AdafactorPass::kPass2, tables, meta, grad_scale, found_inf, op, device);
   set_tile_map(l, tile_tensor, nullptr);
-  l.grad_dtype = dtype_of(op, grads[0], "grads");
+  l.grad_dtype = tables_only ? dtype_from(*grad_dtype, "grad_dtype", op) : dtype_of(op, grads[0], "grads");
   l.param_dtype = l.grad_dtype;  // not used by pass 2
   l.args.stats = stats.data_ptr<float>();
   l.args.batch_sums = batch_sums.data_ptr<float>();
@@ -419,33 +456,34 @@ inline AdafactorLaunch make_pass3(at::TensorList params, at::TensorList grads, a
                                   const std::optional<at::Tensor>& lr_tensor, double eps2, double clip_threshold,
                                   std::optional<double> beta1, double weight_decay, bool scale_parameter,
                                   bool relative_step, bool warmup_init, const std::optional<at::Tensor>& grad_scale,
-                                  const std::optional<at::Tensor>& found_inf, bool host) {
+                                  const std::optional<at::Tensor>& found_inf, const TablesOnly& only, bool host) {
   const char* op = "fused_optim::adafactor_pass3_";
-  TORCH_CHECK(!params.empty(), op, ": params is empty");
-  const int64_t n = static_cast<int64_t>(params.size());
-  const at::Device device = params[0].device();
+  const LaunchGroup g = launch_group(op, only, params, grads, master_params, {exp_avg_sqs, exp_avgs, steps},
+                                     table_size(meta), meta.device());
+  check_master(op, g.master, g.param_dtype);
+  const int64_t n = g.n;
+  const at::Device device = g.device;
   const TileTotals tot = check_table(op, tables, meta, n, device, host);
   check_tile_tensor(op, tile_tensor, meta, tot, n, device, host);
-  check_full_list(op, params, "params", n, device, std::nullopt, meta, host, false);
-  check_full_list(op, grads, "grads", n, device, std::nullopt, meta, host, false);
-  check_full_list(op, steps, "steps", n, device, at::kFloat, meta, host, true);
-  const bool master = !master_params.empty();
   const bool momentum = beta1.has_value();
-  const DType param_dtype = dtype_of(op, params[0], "params");
-  check_master(op, master, param_dtype);
-  if (master) check_full_list(op, master_params, "master_params", n, device, at::kFloat, meta, host, false);
-  TORCH_CHECK(momentum == !exp_avgs.empty(), op, ": ",
-              momentum ? "beta1 is set but exp_avgs is empty; pass the momentum (exp_avg) of every param"
-                       : "exp_avgs were given without beta1; pass an empty list, or beta1");
-  if (momentum) check_full_list(op, exp_avgs, "exp_avgs", n, device, at::kFloat, meta, host, false);
-  check_compact_list(op, exp_avg_sqs, "exp_avg_sqs", kSq, tables[kSq], meta, n, tot, device, host);
-  if (host) {
-    check_shapes(op, params, "params", meta);
-    check_addresses(op, params, kParam, tables[kParam], host);
-    check_addresses(op, grads, kGrad, tables[kGrad], host);
-    check_addresses(op, exp_avgs, kExpAvg, tables[kExpAvg], host);
-    check_addresses(op, master_params, kMaster, tables[kMaster], host);
-    check_addresses(op, steps, kStep, tables[kStep], host);
+  if (!g.tables_only) {
+    check_full_list(op, params, "params", n, device, std::nullopt, meta, host, false);
+    check_full_list(op, grads, "grads", n, device, std::nullopt, meta, host, false);
+    check_full_list(op, steps, "steps", n, device, at::kFloat, meta, host, true);
+    if (g.master) check_full_list(op, master_params, "master_params", n, device, at::kFloat, meta, host, false);
+    TORCH_CHECK(momentum == !exp_avgs.empty(), op, ": ",
+                momentum ? "beta1 is set but exp_avgs is empty; pass the momentum (exp_avg) of every param"
+                         : "exp_avgs were given without beta1; pass an empty list, or beta1");
+    if (momentum) check_full_list(op, exp_avgs, "exp_avgs", n, device, at::kFloat, meta, host, false);
+    check_compact_list(op, exp_avg_sqs, "exp_avg_sqs", kSq, tables[kSq], meta, n, tot, device, host);
+    if (host) {
+      check_shapes(op, params, "params", meta);
+      check_addresses(op, params, kParam, tables[kParam], host);
+      check_addresses(op, grads, kGrad, tables[kGrad], host);
+      check_addresses(op, exp_avgs, kExpAvg, tables[kExpAvg], host);
+      check_addresses(op, master_params, kMaster, tables[kMaster], host);
+      check_addresses(op, steps, kStep, tables[kStep], host);
+    }
   }
   check_vector(op, arrivals, "arrivals", at::kInt, n, device);
   check_buffer(op, stats, "stats", host ? tot.n_rows + tot.n_cols + n : -1, device);
@@ -460,9 +498,9 @@ inline AdafactorLaunch make_pass3(at::TensorList params, at::TensorList grads, a
 
   AdafactorLaunch l = base_launch(AdafactorPass::kPass3, tables, meta, grad_scale, found_inf, op, device);
   set_tile_map(l, tile_tensor, arrivals.data_ptr<int32_t>());
-  l.param_dtype = param_dtype;
-  l.grad_dtype = dtype_of(op, grads[0], "grads");
-  l.master = master;
+  l.param_dtype = g.param_dtype;
+  l.grad_dtype = g.grad_dtype;
+  l.master = g.master;
   l.momentum = momentum;
   AdafactorArgs& a = l.args;
   a.n_stats = stats.numel() - n;

@@ -39,10 +39,11 @@ inline DType dtype_of(const at::Tensor& t, const char* what, int64_t i, const ch
 
 // Table-only launches. The optimizer's step plan (fused_optim/optimizer.py, _planned_buckets) checks at every step
 // that each tensor of a launch group still has the dtype, contiguity, size and address its cached table holds; it
-// then passes every tensor list of adam_ / lamb_ empty and states the dtypes instead (`param_dtype`, `grad_dtype`,
-// `master`; grad_sq_ takes `grad_dtype` alone, ops_lamb.h), and the operator reads the tables alone: converting 1,000-tensor lists into operator arguments cost
-// about 0.1 us per tensor, about 0.5 ms per launch of five such lists (measured on CPU). The operator then checks
-// the tables and the block map only (on CPU the block map's entries too); the tensors' checks are the caller's.
+// then passes every tensor list of adam_ / lamb_ (and of Adafactor's passes, adafactor_ops.h) empty and states the
+// dtypes instead (`param_dtype`, `grad_dtype`, `master`; grad_sq_ takes `grad_dtype` alone, ops_lamb.h), and the
+// operator reads the tables alone: converting 1,000-tensor lists into operator arguments cost about 0.1 us per
+// tensor, about 0.5 ms per launch of five such lists (measured on CPU). The operator then checks the tables and the
+// block map only (on CPU the block map's entries too); the tensors' checks are the caller's.
 struct TablesOnly {
   std::optional<at::ScalarType> param_dtype;  // set: a table-only launch
   std::optional<at::ScalarType> grad_dtype;
@@ -50,7 +51,7 @@ struct TablesOnly {
 };
 
 // What a launch updates: its tensor count, device, dtypes and whether it has master weights; from the tensor lists,
-// or for a table-only launch from the caller's statement and the tables (`numels`).
+// or for a table-only launch from the caller's statement and the tables.
 struct LaunchGroup {
   int64_t n;
   at::Device device;
@@ -60,17 +61,19 @@ struct LaunchGroup {
   bool tables_only;
 };
 
+// `table_n`, `table_device`: the tensor count and device of the launch's tables (adam_/lamb_: `numels`; the Adafactor
+// passes: `meta`), which a table-only launch takes as its own.
 inline LaunchGroup launch_group(const char* op, const TablesOnly& only, at::TensorList params, at::TensorList grads,
                                 at::TensorList master_params, std::initializer_list<at::TensorList> others,
-                                const at::Tensor& numels) {
+                                int64_t table_n, const at::Device& table_device) {
   if (only.param_dtype) {
     TORCH_CHECK(only.grad_dtype.has_value(), op, ": param_dtype without grad_dtype; a table-only launch states both");
     bool empty = params.empty() && grads.empty() && master_params.empty();
     for (const at::TensorList& list : others) empty = empty && list.empty();
     TORCH_CHECK(empty, op, ": a table-only launch (param_dtype given) takes every tensor list empty; its tables are "
                 "its operands");
-    TORCH_CHECK(numels.numel() > 0, op, ": a table-only launch of no tensors (numels is empty)");
-    return {numels.numel(), numels.device(), dtype_from(*only.param_dtype, "param_dtype", op),
+    TORCH_CHECK(table_n > 0, op, ": a table-only launch of no tensors (its tables are empty)");
+    return {table_n, table_device, dtype_from(*only.param_dtype, "param_dtype", op),
             dtype_from(*only.grad_dtype, "grad_dtype", op), only.master, true};
   }
   TORCH_CHECK(!only.grad_dtype && !only.master, op,
@@ -215,7 +218,8 @@ inline AdamLaunch make_adam_launch(at::TensorList params, at::TensorList grads, 
                                    bool host_tables) {
   constexpr const char* op = "fused_optim::adam_";
   const LaunchGroup g = launch_group(op, only, params, grads, master_params,
-                                     {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps}, numels);
+                                     {exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps}, numels.numel(),
+                                     numels.device());
   const int64_t n = g.n;
   const at::Device device = g.device;
 

@@ -43,7 +43,8 @@ inline LambLaunch make_lamb_launch(at::TensorList params, at::TensorList grads, 
   TORCH_CHECK(phase == kLambNorms || phase == kLambApply || phase == kLambFused, op, ": phase must be ", kLambNorms,
               " (pass 1: moments and partial norms), ", kLambApply, " (pass 2: update with the trust ratio) or ",
               kLambFused, " (one pass, no layer adaptation), got ", phase);
-  const LaunchGroup g = launch_group(op, only, params, grads, master_params, {exp_avgs, exp_avg_sqs, steps}, numels);
+  const LaunchGroup g = launch_group(op, only, params, grads, master_params, {exp_avgs, exp_avg_sqs, steps}, numels.numel(),
+                                     numels.device());
   const int64_t n = g.n;
   const at::Device device = g.device;
   const bool master = g.master;

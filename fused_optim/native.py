@@ -348,25 +348,34 @@ def _compact(operands: dict, name: str, index: tuple) -> list:
     return out
 
 
-def adafactor(table: TileTable, operands: dict, hp: dict, *, grad_scale=None, found_inf=None) -> None:
+def adafactor(table: TileTable, operands: dict, hp: dict, *, grad_scale=None, found_inf=None,
+              tables_only=None) -> None:
     """One Adafactor step over every tensor of ``table`` (operands as in ``ADAFACTOR_OPERANDS``): seven operator
     calls whatever the number of tensors (five without any matrix), each reduction a call of its own.
 
     ``hp``: lr (None with relative_step; else a float or a 0-d tensor on the params' device), eps1, eps2,
     clip_threshold, decay_rate, beta1 (None: no momentum), weight_decay, scale_parameter, relative_step,
     warmup_init. ``grad_scale``/``found_inf``: GradScaler's tensors on the params' device, or None.
+    ``tables_only``: None, or ``(param_dtype, grad_dtype, master)`` for a step the optimizer's step plan checked
+    (``_lists_or_dtypes``): then ``operands`` is not read and every operator gets its lists empty.
     """
     load()
     _check_tile_layout()
     ops = torch.ops.fused_optim
-    params, grads, steps = operands["param"], operands["grad"], operands["step"]
     work = table.scratch()
     tables = [table.ptrs[name] for name in ADAFACTOR_OPERANDS]
-    masters = _present(operands, "master_param", operands["master_param"][0] is not None)
-    exp_avgs = _present(operands, "exp_avg", hp["beta1"] is not None)
-    rows = _compact(operands, "exp_avg_sq_row", table.matrices)
-    cols = _compact(operands, "exp_avg_sq_col", table.matrices)
-    sqs = _compact(operands, "exp_avg_sq", table.flats)
+    if tables_only is not None:
+        params = grads = steps = masters = exp_avgs = rows = cols = sqs = []
+        param_dtype, grad_dtype, master = tables_only
+    else:
+        params, grads, steps = operands["param"], operands["grad"], operands["step"]
+        masters = _present(operands, "master_param", operands["master_param"][0] is not None)
+        exp_avgs = _present(operands, "exp_avg", hp["beta1"] is not None)
+        rows = _compact(operands, "exp_avg_sq_row", table.matrices)
+        cols = _compact(operands, "exp_avg_sq_col", table.matrices)
+        sqs = _compact(operands, "exp_avg_sq", table.flats)
+        param_dtype = grad_dtype = None
+        master = False
     lr = hp["lr"]
     lr_tensor = lr if isinstance(lr, Tensor) and not hp["relative_step"] else None
     lr_value = None if lr is None or lr_tensor is not None else float(lr)
@@ -375,25 +384,26 @@ def adafactor(table: TileTable, operands: dict, hp: dict, *, grad_scale=None, fo
 
     # 1. Row/column partial sums of g² + ε1, Σθ² per tile.  2. Row sums, column sums, Σθ² per tensor.
     _launch(ops.adafactor_pass1_, params, grads, masters, tables, meta, tiles, work["partials"], table.n_partials,
-            eps1, grad_scale, found_inf)
+            eps1, grad_scale, found_inf, param_dtype, grad_dtype, master)
     _launch(ops.segment_sums_, work["partials"], table.stat_seg, stats)
     if table.n_stats:
         # 3. R_t, C_t (EMAs of the row and column means), in the state and in stats.  4. ΣR_t per matrix.
         _launch(ops.adafactor_statistics_, rows, cols, steps, tables, meta, table.stat_tensor, stats, table.n_rows,
-                decay_rate, found_inf)
+                decay_rate, found_inf, tables_only is not None)
         _launch(ops.segment_sums_, stats[: table.n_rows], table.batch_seg, work["batch_sums"])
     # 5. ΣU² per tile (flat tensors: V_t first).  6. ΣU² per tensor.
     _launch(ops.adafactor_pass2_, grads, sqs, steps, tables, meta, tiles, stats, work["batch_sums"],
-            work["usq_partials"], eps1, decay_rate, grad_scale, found_inf)
+            work["usq_partials"], eps1, decay_rate, grad_scale, found_inf, grad_dtype)
     _launch(ops.segment_sums_, work["usq_partials"], table.tile_seg, work["usq_sums"])
     # 7. The update, and step += 1.
     _launch(ops.adafactor_pass3_, params, grads, sqs, exp_avgs, masters, steps, tables, meta, tiles, table.arrivals,
             stats, work["batch_sums"], work["usq_sums"], lr_value, lr_tensor, float(hp["eps2"]),
             float(hp["clip_threshold"]), hp["beta1"], float(hp["weight_decay"]), bool(hp["scale_parameter"]),
-            bool(hp["relative_step"]), bool(hp["warmup_init"]), grad_scale, found_inf)
+            bool(hp["relative_step"]), bool(hp["warmup_init"]), grad_scale, found_inf, param_dtype, grad_dtype, master)
 
 
 adafactor.OPERANDS = ADAFACTOR_OPERANDS
+adafactor.TABLES_ONLY = True
 adafactor.build_table = TileTable.factored
 
 RULES = {"adam": adam, "lamb": lamb, "adafactor": adafactor}

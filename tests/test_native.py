@@ -707,7 +707,7 @@ def test_adafactor_ops_check_their_arguments():
     ok = (operands["param"], operands["grad"], [], tables, table.meta, table.tile_tensor, partials, table.n_partials,
           1e-30, None, None)
     ops.adafactor_pass1_(*ok)
-    with pytest.raises(RuntimeError, match=r"grads has 1 tensors but the table has 2"):
+    with pytest.raises(RuntimeError, match=r"grads has 1 tensors but params has 2; pass one per param"):
         ops.adafactor_pass1_(ok[0], ok[1][:1], *ok[2:])
     with pytest.raises(RuntimeError, match="master_params were given for float32 params"):
         ops.adafactor_pass1_(ok[0], ok[1], [torch.zeros(40, 6), torch.zeros(7)], *ok[3:])

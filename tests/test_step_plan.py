@@ -295,20 +295,27 @@ def test_load_state_dict_drops_the_plan():
     assert opt.collects == 2
 
 
-@pytest.mark.parametrize("rule", ["adamw", "lamb"])
+@pytest.mark.parametrize("rule", sorted(FACTORIES))
 def test_planned_native_launches_pass_no_tensor_lists(rule):
-    """A planned step hands the native operator its table alone (csrc/ops_common.h, TablesOnly); the full path and
-    a step whose table was rebuilt pass the lists, which the operator checks. (That both give the bits of the full
-    path is what the twin tests above check: their planned steps are table-only launches.)"""
+    """A planned step hands the native operators their tables alone (csrc/ops_common.h, TablesOnly; Adafactor's
+    passes: csrc/adafactor_ops.h); the full path and a step whose table was rebuilt pass the lists, which the
+    operators check. (That both give the bits of the full path is what the twin tests above check: their planned
+    steps are table-only launches.)"""
     from fused_optim import native
 
-    # FusedLAMB's max_grad_norm (FACTORIES) adds grad_sq_, the grads' pass of the global norm: table-only too.
-    ops = {"adamw": [torch.ops.fused_optim.adam_], "lamb": [torch.ops.fused_optim.lamb_, torch.ops.fused_optim.grad_sq_]}
+    ops = torch.ops.fused_optim
+    n, matrices = len(SHAPES), sum(len(s) >= 2 for s in SHAPES)
+    # Per operator of the rule, the length of its first tensor list in a launch with lists. FusedLAMB's
+    # max_grad_norm (FACTORIES) adds grad_sq_, the grads' pass of the global norm. Adafactor's statistics pass
+    # takes the matrices' row states first.
+    full = {"adamw": {ops.adam_: n}, "lamb": {ops.lamb_: n, ops.grad_sq_: n},
+            "adafactor": {ops.adafactor_pass1_: n, ops.adafactor_statistics_: matrices, ops.adafactor_pass2_: n,
+                          ops.adafactor_pass3_: n}}[rule]
     seen = []  # per step: (operator, length of its first tensor list) of the rule's launches
     launch = native._launch
 
     def spy(fn, *args):
-        if fn in ops[rule]:
+        if fn in full:
             seen[-1].append((str(fn), len(args[0])))
         launch(fn, *args)
 
@@ -334,9 +341,48 @@ def test_planned_native_launches_pass_no_tensor_lists(rule):
             lengths.append(sorted(set(seen[-1])))
     finally:
         native._launch = launch
-    n = len(SHAPES)
-    full, planned = ([(str(op), n) for op in ops[rule]], [(str(op), 0) for op in ops[rule]])
-    assert lengths == [sorted(full), sorted(planned), sorted(planned), sorted(full), sorted(planned)]
+    with_lists = sorted((str(op), k) for op, k in full.items())
+    table_only = sorted((str(op), 0) for op in full)
+    assert lengths == [with_lists, table_only, table_only, with_lists, table_only]
+
+
+@pytest.mark.parametrize("rule", sorted(FACTORIES))
+def test_planned_steps_with_master_weights_match_the_full_path(rule):
+    """bf16 params with fp32 master weights (and Adafactor without momentum): the table-only launches of planned
+    steps state param_dtype, grad_dtype and master instead of passing lists, and give bitwise the full path's
+    params and state."""
+    kwargs = {"adamw": {}, "lamb": {"max_grad_norm": 1.0}, "adafactor": {"beta1": None}}[rule]
+    cls = {"adamw": fused_optim.FusedAdamW, "lamb": fused_optim.FusedLAMB, "adafactor": fused_optim.FusedAdafactor}
+    from fused_optim import native
+
+    runs, lists = [], []  # lists: the tensor lists of the planned twin's last step (operators that take lists)
+    launch = native._launch
+    for planned in (True, False):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).bfloat16())
+                  for i, s in enumerate(SHAPES)]
+        opt = cls[rule](params, backend="native", master_weights=True, **kwargs)
+        if not planned:
+            opt._planned_buckets = lambda: None
+        for step in range(5):
+            gen = torch.Generator().manual_seed(100 + step)
+            for p in params:  # new values at the same addresses: the planned steps keep their table
+                g = torch.randn(p.shape, generator=gen).bfloat16()
+                p.grad = g if p.grad is None else p.grad.copy_(g)
+            if planned and step == 4:
+                native._launch = lambda fn, *args: lists.append(args[0]) or launch(fn, *args)
+            try:
+                opt.step()
+            finally:
+                native._launch = launch
+        runs.append((opt, params))
+    (a, pa), (b, pb) = runs
+    tensor_lists = [x for x in lists if isinstance(x, list)]
+    assert tensor_lists and not any(tensor_lists)  # the last planned step: table-only launches
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        assert torch.equal(x, y), f"param {i}"
+        assert a.state[x].keys() == b.state[y].keys() and "master_param" in a.state[x]
+        for k in a.state[x]:
+            assert torch.equal(a.state[x][k], b.state[y][k]), f"state {k!r} of param {i}"
 
 
 def test_table_only_launch_arguments_are_checked():
@@ -369,6 +415,56 @@ def test_table_only_launch_arguments_are_checked():
     before = [p.clone() for p in params]
     op(*args)  # the captured table-only launch, run by hand: it updates the params
     assert not any(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_table_only_adafactor_launch_arguments_are_checked():
+    """Adafactor's passes: the dtypes (pass 1 and 3: param_dtype, grad_dtype, master; pass 2: grad_dtype) or, for the
+    statistics, tables_only make a table-only launch, which takes every list empty; the captured launches of a
+    planned step, run by hand, do that step."""
+    from fused_optim import native
+
+    opt, params = _make(FACTORIES["adafactor"], planned=True)
+    _grads(params, 0)
+    opt.step()
+    for p in params:
+        p.grad.mul_(0.5)  # same addresses: the next step is planned on the same table
+    captured = []
+    launch = native._launch
+    native._launch = lambda fn, *args: captured.append((fn, args))
+    try:
+        opt.step()  # planned: table-only, captured and not run
+    finally:
+        native._launch = launch
+    ops = torch.ops.fused_optim
+    args = {fn: a for fn, a in captured}
+    p1, st, p2, p3 = (args[op] for op in (ops.adafactor_pass1_, ops.adafactor_statistics_, ops.adafactor_pass2_,
+                                          ops.adafactor_pass3_))
+    assert p1[-3:] == p3[-3:] == (torch.float32, torch.float32, False) and p2[-1] is torch.float32 and st[-1] is True
+    assert not any(p1[:3]) and not any(st[:3]) and not any(p2[:3]) and not any(p3[:6])
+    grads = [p.grad for p in params]
+    only = "a table-only launch \\({}\\) takes every tensor list empty"
+    with pytest.raises(RuntimeError, match="adafactor_pass1_: " + only.format("param_dtype given")):
+        ops.adafactor_pass1_(list(params), *p1[1:])
+    with pytest.raises(RuntimeError, match="adafactor_pass1_: grad_dtype and master describe a table-only launch"):
+        ops.adafactor_pass1_(*p1[:-3], None, torch.float32, False)
+    with pytest.raises(RuntimeError, match="adafactor_pass3_: param_dtype without grad_dtype"):
+        ops.adafactor_pass3_(*p3[:-3], torch.float32, None, False)
+    with pytest.raises(RuntimeError, match="adafactor_pass3_: master_params were given for float32 params"):
+        ops.adafactor_pass3_(*p3[:-3], torch.float32, torch.float32, True)
+    with pytest.raises(RuntimeError, match="adafactor_statistics_: " + only.format("tables_only=True")):
+        ops.adafactor_statistics_(*st[:2], [opt.state[p]["step"] for p in params], *st[3:])
+    with pytest.raises(RuntimeError, match="adafactor_pass2_: " + only.format("grad_dtype given")):
+        ops.adafactor_pass2_(grads, *p2[1:])
+    with pytest.raises(RuntimeError, match="adafactor_pass2_: grad_dtype has dtype Long"):
+        ops.adafactor_pass2_(*p2[:-1], torch.int64)
+    with pytest.raises(RuntimeError, match="adafactor_statistics_: steps is empty"):
+        ops.adafactor_statistics_(*st[:-1], False)  # empty lists without the flag: a list launch of nothing
+    before = [p.detach().clone() for p in params]
+    steps = [opt.state[p]["step"].clone() for p in params]
+    for fn, a in captured:  # the captured table-only step, run by hand
+        fn(*a)
+    assert not any(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(torch.equal(opt.state[p]["step"], t + 1) for p, t in zip(params, steps))
 
 
 def test_table_only_grad_norm_arguments_are_checked():
