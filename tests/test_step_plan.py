@@ -385,23 +385,29 @@ def test_planned_steps_with_master_weights_match_the_full_path(rule):
             assert torch.equal(a.state[x][k], b.state[y][k]), f"state {k!r} of param {i}"
 
 
-def test_table_only_launch_arguments_are_checked():
-    """param_dtype (a table-only launch) takes every list empty; grad_dtype and master come only with it."""
+def _captured_planned_step(rule):
+    """A ``rule`` optimizer after one step, and the native launches ``(operator, args)`` of its second, planned step
+    (table-only), captured and not run."""
     from fused_optim import native
 
-    opt, params = _make(FACTORIES["adamw"], planned=True)
+    opt, params = _make(FACTORIES[rule], planned=True)
     _grads(params, 0)
     opt.step()
     for p in params:
         p.grad.mul_(0.5)  # same addresses: the next step is planned on the same table
     captured = []
     launch = native._launch
-    native._launch = lambda fn, *args: captured.append(args)
+    native._launch = lambda fn, *args: captured.append((fn, args))
     try:
-        opt.step()  # planned: table-only
+        opt.step()
     finally:
         native._launch = launch
-    (args,) = captured
+    return opt, params, captured
+
+
+def test_table_only_launch_arguments_are_checked():
+    """param_dtype (a table-only launch) takes every list empty; grad_dtype and master come only with it."""
+    _, params, [(_, args)] = _captured_planned_step("adamw")
     assert args[0] == [] and args[-3:] == (torch.float32, torch.float32, False)
     op = torch.ops.fused_optim.adam_
     with pytest.raises(RuntimeError, match="table-only launch .* takes every tensor list empty"):
@@ -421,20 +427,7 @@ def test_table_only_adafactor_launch_arguments_are_checked():
     """Adafactor's passes: the dtypes (pass 1 and 3: param_dtype, grad_dtype, master; pass 2: grad_dtype) or, for the
     statistics, tables_only make a table-only launch, which takes every list empty; the captured launches of a
     planned step, run by hand, do that step."""
-    from fused_optim import native
-
-    opt, params = _make(FACTORIES["adafactor"], planned=True)
-    _grads(params, 0)
-    opt.step()
-    for p in params:
-        p.grad.mul_(0.5)  # same addresses: the next step is planned on the same table
-    captured = []
-    launch = native._launch
-    native._launch = lambda fn, *args: captured.append((fn, args))
-    try:
-        opt.step()  # planned: table-only, captured and not run
-    finally:
-        native._launch = launch
+    opt, params, captured = _captured_planned_step("adafactor")
     ops = torch.ops.fused_optim
     args = {fn: a for fn, a in captured}
     p1, st, p2, p3 = (args[op] for op in (ops.adafactor_pass1_, ops.adafactor_statistics_, ops.adafactor_pass2_,
