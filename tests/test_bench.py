@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,6 @@ def test_quick_sweep_rows(quick_sweep):
 
 
 def test_time_steps_takes_the_median_and_flushes_outside_the_timing():
-    import time
-
     calls, flushes = [], []
 
     class Flush:
@@ -153,6 +152,22 @@ def test_time_steps_takes_the_median_and_flushes_outside_the_timing():
                                 flush=Flush())
     assert len(calls) == 7 and len(flushes) == 5 and timing.steps == 5
     assert 2.0 <= timing.ms < 40.0
+
+
+def test_every_rotated_copy_is_warmed_up_before_timing():
+    """A copy's first step (lazy state init) is slow; the warm-up steps every copy, so none is timed."""
+    calls = [0, 0, 0]
+
+    def make(i):
+        def step():
+            calls[i] += 1
+            time.sleep(0.05 if calls[i] == 1 else 0.002)
+        return step
+
+    timing = harness.time_steps([make(i) for i in range(3)], CPU,
+                                TimingPolicy(warmup=1, max_steps=3, min_steps=3, budget_s=0.0))
+    assert calls == [2, 2, 2] and len(timing.warmup_s) == 3 and timing.steps == 3
+    assert 2.0 <= timing.ms < 40.0  # the median of three steady steps (two first steps would have been 50 ms)
 
 
 def test_rotation_copies():

@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     ap.add_argument("--steps", type=int, help="timed steps per configuration, at most (default: 50 on a GPU, 10 on "
                                               "the CPU, 5 with --quick); fewer when a step is slow (--budget)")
-    ap.add_argument("--warmup", type=int, help="untimed steps first (default: 3; 1 on the CPU with --quick)")
+    ap.add_argument("--warmup", type=int,
+                    help="untimed steps of each rotated param set first (default: 3; 1 on the CPU with --quick)")
     ap.add_argument("--budget", type=float,
                     help="seconds of timed steps per configuration (default: 2; 0.5 with --quick)")
     ap.add_argument("--threads", type=int,
