@@ -391,12 +391,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     # param has and their addresses. Anything different (or raising, e.g. a sparse grad) and the step takes the
     # full path above, which checks and raises as before and records a new plan. New grad objects at new addresses
     # keep the plan and only rebuild the table. Sharded (DTensor) and reference buckets always take the full path.
-    # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam and LAMB
-    # operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native, grad_sq_norm;
-    # csrc/ops_common.h, TablesOnly). The checks here
-    # stand in for the operator's: every address equal to the table's, and the params' and grads' dtype, shape and
-    # contiguity; a state tensor at an address of the table is taken to be the fp32 tensor the full path checked
-    # there (as the table itself does).
+    # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam, LAMB and
+    # Adafactor operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native,
+    # grad_sq_norm; csrc/ops_common.h, TablesOnly; csrc/adafactor_ops.h). The checks here stand in for the
+    # operator's: every address equal to the table's, and the params' and grads' dtype, shape and contiguity; a
+    # state tensor at an address of the table is taken to be the fp32 tensor the full path checked there (as the
+    # table itself does).
     def _plan_signature(self, group: dict) -> tuple:
         lr = group["lr"]
         return (group["backend"], lr.device if isinstance(lr, Tensor) else None,
