@@ -273,12 +273,6 @@ inline void set_tile_map(AdafactorLaunch& l, const at::Tensor& tile_tensor, int3
   l.map.arrivals = arrivals;
 }
 
-inline void check_master(const char* op, bool master, DType param_dtype) {
-  TORCH_CHECK(!master || param_dtype != DType::kFloat32, op,
-              ": master_params were given for float32 params; master weights are fp32 copies of bfloat16/float16 "
-              "params (pass an empty list)");
-}
-
 inline void check_eps1(const char* op, double eps1) {
   TORCH_CHECK(eps1 >= 0.0, op, ": eps1 must be >= 0, got ", eps1);
 }
@@ -298,11 +292,7 @@ inline int64_t launch_size(const char* op, bool tables_only, const char* flag, a
                            const char* first_name, std::initializer_list<at::TensorList> others,
                            const at::Tensor& meta, at::Device* device) {
   if (tables_only) {
-    bool empty = first.empty();
-    for (const at::TensorList& list : others) empty = empty && list.empty();
-    TORCH_CHECK(empty, op, ": a table-only launch (", flag, ") takes every tensor list empty; its tables are its "
-                "operands");
-    TORCH_CHECK(table_size(meta) > 0, op, ": a table-only launch of no tensors (its tables are empty)");
+    check_table_only_lists(op, flag, table_size(meta), {first}, others);
     *device = meta.device();
     return table_size(meta);
   }
@@ -321,7 +311,6 @@ inline AdafactorLaunch make_pass1(at::TensorList params, at::TensorList grads, a
                                   const std::optional<at::Tensor>& found_inf, const TablesOnly& only, bool host) {
   const char* op = "fused_optim::adafactor_pass1_";
   const LaunchGroup g = launch_group(op, only, params, grads, master_params, {}, table_size(meta), meta.device());
-  check_master(op, g.master, g.param_dtype);
   const int64_t n = g.n;
   const at::Device device = g.device;
   const TileTotals tot = check_table(op, tables, meta, n, device, host);
@@ -460,7 +449,6 @@ inline AdafactorLaunch make_pass3(at::TensorList params, at::TensorList grads, a
   const char* op = "fused_optim::adafactor_pass3_";
   const LaunchGroup g = launch_group(op, only, params, grads, master_params, {exp_avg_sqs, exp_avgs, steps},
                                      table_size(meta), meta.device());
-  check_master(op, g.master, g.param_dtype);
   const int64_t n = g.n;
   const at::Device device = g.device;
   const TileTotals tot = check_table(op, tables, meta, n, device, host);

@@ -61,20 +61,35 @@ struct LaunchGroup {
   bool tables_only;
 };
 
+// A table-only launch (`flag`: the argument that made it one) takes every tensor list in `lists` and `more` empty, and
+// its tables (`table_n` tensors) hold at least one tensor. Every table-only operator checks this here: adam_, lamb_
+// and Adafactor's passes 1 and 3 (launch_group), Adafactor's pass 2 and statistics (adafactor_ops.h, launch_size) and
+// grad_sq_ (ops_lamb.h).
+inline void check_table_only_lists(const char* op, const char* flag, int64_t table_n,
+                                   std::initializer_list<at::TensorList> lists,
+                                   std::initializer_list<at::TensorList> more = {}) {
+  bool empty = true;
+  for (const at::TensorList& list : lists) empty = empty && list.empty();
+  for (const at::TensorList& list : more) empty = empty && list.empty();
+  TORCH_CHECK(empty, op, ": a table-only launch (", flag, ") takes every tensor list empty; its tables are its "
+              "operands");
+  TORCH_CHECK(table_n > 0, op, ": a table-only launch of no tensors (its tables are empty)");
+}
+
 // `table_n`, `table_device`: the tensor count and device of the launch's tables (adam_/lamb_: `numels`; the Adafactor
-// passes: `meta`), which a table-only launch takes as its own.
+// passes: `meta`), which a table-only launch takes as its own. Master weights are checked here for every rule: they
+// are fp32 copies of bf16/fp16 params, so fp32 params with master weights are refused.
 inline LaunchGroup launch_group(const char* op, const TablesOnly& only, at::TensorList params, at::TensorList grads,
                                 at::TensorList master_params, std::initializer_list<at::TensorList> others,
                                 int64_t table_n, const at::Device& table_device) {
   if (only.param_dtype) {
     TORCH_CHECK(only.grad_dtype.has_value(), op, ": param_dtype without grad_dtype; a table-only launch states both");
-    bool empty = params.empty() && grads.empty() && master_params.empty();
-    for (const at::TensorList& list : others) empty = empty && list.empty();
-    TORCH_CHECK(empty, op, ": a table-only launch (param_dtype given) takes every tensor list empty; its tables are "
-                "its operands");
-    TORCH_CHECK(table_n > 0, op, ": a table-only launch of no tensors (its tables are empty)");
-    return {table_n, table_device, dtype_from(*only.param_dtype, "param_dtype", op),
-            dtype_from(*only.grad_dtype, "grad_dtype", op), only.master, true};
+    check_table_only_lists(op, "param_dtype given", table_n, {params, grads, master_params}, others);
+    const DType param_dtype = dtype_from(*only.param_dtype, "param_dtype", op);
+    TORCH_CHECK(!only.master || param_dtype != DType::kFloat32, op,
+                ": master=True was given for float32 params; master weights are fp32 copies of bfloat16/float16 "
+                "params (pass master=False)");
+    return {table_n, table_device, param_dtype, dtype_from(*only.grad_dtype, "grad_dtype", op), only.master, true};
   }
   TORCH_CHECK(!only.grad_dtype && !only.master, op,
               ": grad_dtype and master describe a table-only launch; pass them with param_dtype, or pass the lists");
@@ -82,8 +97,11 @@ inline LaunchGroup launch_group(const char* op, const TablesOnly& only, at::Tens
   TORCH_CHECK(n > 0, op, ": params is empty");
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, op, ": grads has ", grads.size(), " tensors but params has ", n,
               "; pass one per param");
-  return {n, params[0].device(), dtype_of(params[0], "params", 0, op), dtype_of(grads[0], "grads", 0, op),
-          !master_params.empty(), false};
+  const DType param_dtype = dtype_of(params[0], "params", 0, op);
+  TORCH_CHECK(master_params.empty() || param_dtype != DType::kFloat32, op,
+              ": master_params were given for float32 params; master weights are fp32 copies of bfloat16/float16 "
+              "params (pass an empty list)");
+  return {n, params[0].device(), param_dtype, dtype_of(grads[0], "grads", 0, op), !master_params.empty(), false};
 }
 
 // Checks one tensor list of the launch: length, device, dtype, contiguity, and that every tensor has the numel of
@@ -226,9 +244,6 @@ inline AdamLaunch make_adam_launch(at::TensorList params, at::TensorList grads, 
   AdamLaunch l{};
   l.param_dtype = g.param_dtype;
   l.grad_dtype = g.grad_dtype;
-  TORCH_CHECK(!g.master || l.param_dtype != DType::kFloat32, op,
-              ": master_params were given for float32 params; master weights are fp32 copies of bfloat16/float16 "
-              "params (pass an empty list)");
   TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs were given with amsgrad=False; pass an "
               "empty list");
 

@@ -53,9 +53,6 @@ inline LambLaunch make_lamb_launch(at::TensorList params, at::TensorList grads, 
   l.phase = static_cast<int>(phase);
   l.param_dtype = g.param_dtype;
   l.grad_dtype = g.grad_dtype;
-  TORCH_CHECK(!master || l.param_dtype != DType::kFloat32, op,
-              ": master_params were given for float32 params; master weights are fp32 copies of bfloat16/float16 "
-              "params (pass an empty list)");
   if (!g.tables_only) {
     check_list(params, "params", n, device, params[0].scalar_type(), params, false, op);
     check_list(grads, "grads", n, device, grads[0].scalar_type(), params, false, op);
@@ -130,10 +127,8 @@ inline GradSqLaunch make_grad_sq_launch(at::TensorList grads, const at::Tensor& 
   int64_t n = 0;
   at::Device device = numels.device();
   if (grad_dtype) {
-    TORCH_CHECK(grads.empty(), op, ": a table-only launch (grad_dtype given) takes grads empty; its table is its "
-                "operand");
     n = numels.numel();
-    TORCH_CHECK(n > 0, op, ": a table-only launch of no tensors (numels is empty)");
+    check_table_only_lists(op, "grad_dtype given", n, {grads});
     l.grad_dtype = dtype_from(*grad_dtype, "grad_dtype", op);
   } else {
     n = static_cast<int64_t>(grads.size());

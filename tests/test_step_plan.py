@@ -418,6 +418,8 @@ def test_table_only_launch_arguments_are_checked():
         op(*args[:-3], torch.float32, None, False)
     with pytest.raises(RuntimeError, match="param_dtype has dtype Long"):
         op(*args[:-3], torch.int64, torch.float32, False)
+    with pytest.raises(RuntimeError, match="adam_: master=True was given for float32 params"):
+        op(*args[:-3], torch.float32, torch.float32, True)
     before = [p.clone() for p in params]
     op(*args)  # the captured table-only launch, run by hand: it updates the params
     assert not any(torch.equal(a, b) for a, b in zip(before, params))
@@ -442,7 +444,7 @@ def test_table_only_adafactor_launch_arguments_are_checked():
         ops.adafactor_pass1_(*p1[:-3], None, torch.float32, False)
     with pytest.raises(RuntimeError, match="adafactor_pass3_: param_dtype without grad_dtype"):
         ops.adafactor_pass3_(*p3[:-3], torch.float32, None, False)
-    with pytest.raises(RuntimeError, match="adafactor_pass3_: master_params were given for float32 params"):
+    with pytest.raises(RuntimeError, match="adafactor_pass3_: master=True was given for float32 params"):
         ops.adafactor_pass3_(*p3[:-3], torch.float32, torch.float32, True)
     with pytest.raises(RuntimeError, match="adafactor_statistics_: " + only.format("tables_only=True")):
         ops.adafactor_statistics_(*st[:2], [opt.state[p]["step"] for p in params], *st[3:])
@@ -475,7 +477,8 @@ def test_table_only_grad_norm_arguments_are_checked():
     partials = torch.empty((1, table.n_blocks))
     head = (table.ptrs["grad"], table.numels, table.block_tensor, table.block_start, table.arrivals, table.block,
             None, None, partials)
-    with pytest.raises(RuntimeError, match="table-only launch .grad_dtype given. takes grads empty"):
+    only = "grad_sq_: a table-only launch .grad_dtype given. takes every tensor list empty"
+    with pytest.raises(RuntimeError, match=only):
         torch.ops.fused_optim.grad_sq_(grads, *head, torch.float32)
     with pytest.raises(RuntimeError, match="grad_dtype has dtype Long"):
         torch.ops.fused_optim.grad_sq_([], *head, torch.int64)
