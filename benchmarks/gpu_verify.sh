@@ -22,6 +22,11 @@
 # On a copy of the tree (no .git, or a stale one) name the commit: FUSED_OPTIM_COMMIT=<sha> benchmarks/gpu_verify.sh OUT
 #
 # GPU_VERIFY_DEADLINE=<seconds> (default 570) leaves room for other work in the same call.
+# GPU_VERIFY_STAGES=<comma list> (default gpu-tests,bench,shapes,rest) runs only the named stages after the build,
+# always in that order; the last of them takes all the time left, not its usual cap. All of them may not fit one
+# 10-minute call (2026-11-23: the GPU tests alone ran over 150 s and the rest of the suite was cut), so a session
+# with device time left makes a second call for what the first one cut, e.g.
+#   GPU_VERIFY_STAGES=rest benchmarks/gpu_verify.sh OUT2      (the build is redone: a fresh machine has none)
 # GPU_VERIFY_CPU_SMOKE=1 runs the same stages on a machine without a GPU, benchmarks at --quick sizes and without
 # torch.compile: a check of this script itself, not a result.
 set -u -o pipefail
@@ -45,14 +50,33 @@ elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
         "(GPU_VERIFY_CPU_SMOKE=1 checks it on a CPU)" >&2
     exit 2
 fi
+ALL_STAGES=(gpu-tests bench shapes rest)
+IFS=, read -r -a STAGES <<<"${GPU_VERIFY_STAGES:-$(IFS=,; echo "${ALL_STAGES[*]}")}"
+wanted() { case " ${STAGES[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
+for s in "${STAGES[@]}"; do
+    case " ${ALL_STAGES[*]} " in
+        *" $s "*) ;;
+        *) echo "$0: GPU_VERIFY_STAGES names '$s'; the stages are ${ALL_STAGES[*]}" >&2; exit 2 ;;
+    esac
+done
+LAST_STAGE=
+for s in "${ALL_STAGES[@]}"; do  # the last selected stage in run order, whatever order GPU_VERIFY_STAGES lists
+    wanted "$s" && LAST_STAGE=$s
+done
+if [ -z "$LAST_STAGE" ]; then
+    echo "$0: GPU_VERIFY_STAGES selects no stage; the stages are ${ALL_STAGES[*]}" >&2
+    exit 2
+fi
 FAILED=()
 : >"$OUT/summary.txt"
 
 left() { echo $((DEADLINE - SECONDS)); }
-# limit CAP RESERVE: seconds a stage may take: at most CAP, leaving RESERVE for the stages after it (>= 10)
+# limit CAP RESERVE [STAGE]: seconds a stage may take: at most CAP, leaving RESERVE for the stages after it (>= 10);
+# the last selected stage (STAGE = LAST_STAGE) takes everything left but 5 s.
 limit() {
     local t=$(( $(left) - $2 ))
     [ "$t" -gt "$1" ] && t=$1
+    [ -n "${3:-}" ] && [ "$3" = "$LAST_STAGE" ] && t=$(( $(left) - 5 ))
     [ "$t" -lt 10 ] && t=10
     echo "$t"
 }
@@ -145,10 +169,12 @@ in_group() {
 }
 
 # -- 3. the GPU tests (stages run in order of importance: what the deadline cuts is last) ---------------------------
-in_group "$(limit 240 250)" "$PY" -m pytest tests -m gpu -q -rfEs -p no:cacheprovider --durations=10 \
-    >"$OUT/tests_gpu.log" 2>&1
-stage "tests -m gpu" tests_gpu.log $?
-tail -n 3 "$OUT/tests_gpu.log"
+stage_gpu_tests() {
+    in_group "$(limit 240 250 gpu-tests)" "$PY" -m pytest tests -m gpu -q -rfEs -p no:cacheprovider --durations=10 \
+        >"$OUT/tests_gpu.log" 2>&1
+    stage "tests -m gpu" tests_gpu.log $?
+    tail -n 3 "$OUT/tests_gpu.log"
+}
 
 # -- 4. benchmarks -------------------------------------------------------------------------------------------------
 # About 70 timed configurations at one second of timed steps each (--budget 1); torch.compile's compile is the long
@@ -161,48 +187,64 @@ bench() {  # bench CAP RESERVE ARGS...: one sweep, rows appended to OUT
         ${QUICK[@]+"${QUICK[@]}"} "$@" >>"$OUT/bench.log" 2>&1
     stage "bench $*" bench.log $?
 }
-GPU_BUDGET=(--budget 1)
-[ "$SMOKE" = 1 ] && GPU_BUDGET=(--budget 0.5)
-# AdamW fp32, the headline workloads: every provider, eager and captured in a CUDA graph.
-bench 90 170 --optimizer adamw --dtype fp32 --workload gpt2-small,many-small \
-    --provider torch-fused,torch-forloop,torch-foreach,triton,native --graph "${GPU_BUDGET[@]}"
-# LAMB and Adafactor, once fused_optim has them.
-OTHERS=$("$PY" -c "from fused_optim.bench import OPTIMIZERS as O
+stage_bench() {
+    local budget=(--budget 1) others
+    [ "$SMOKE" = 1 ] && budget=(--budget 0.5)
+    # AdamW fp32, the headline workloads: every provider, eager and captured in a CUDA graph.
+    bench 90 170 --optimizer adamw --dtype fp32 --workload gpt2-small,many-small \
+        --provider torch-fused,torch-forloop,torch-foreach,triton,native --graph "${budget[@]}"
+    # LAMB and Adafactor, once fused_optim has them.
+    others=$("$PY" -c "from fused_optim.bench import OPTIMIZERS as O
 print(','.join(n for n, s in O.items() if n not in ('adamw', 'adam') and s.fused_available()))" 2>/dev/null)
-if [ -n "$OTHERS" ]; then
-    bench 70 130 --optimizer "$OTHERS" --dtype fp32 --workload gpt2-small,many-small "${GPU_BUDGET[@]}"
-else
-    note "skip   LAMB / Adafactor benchmarks: fused_optim has neither FusedLAMB nor FusedAdafactor yet"
-fi
-# The big ones: eager only (launch overhead is nothing next to 10-60 ms of memory traffic).
-bench 60 100 --optimizer adamw --dtype fp32 --workload llama-1b,huge \
-    --provider torch-fused,torch-foreach,triton,native --no-graph "${GPU_BUDGET[@]}"
-# Mixed precision.
-bench 40 90 --optimizer adamw --dtype bf16-master,bf16 --workload gpt2-small \
-    --provider torch-fused,torch-foreach,triton,native --graph "${GPU_BUDGET[@]}"
-# torch.compile: one workload (inductor compiles for tens of seconds).
-if [ "$SMOKE" != 1 ]; then
-    bench 70 60 --optimizer adamw --dtype fp32 --workload gpt2-small --provider torch-compile "${GPU_BUDGET[@]}"
-fi
+    if [ -n "$others" ]; then
+        bench 70 130 --optimizer "$others" --dtype fp32 --workload gpt2-small,many-small "${budget[@]}"
+    else
+        note "skip   LAMB / Adafactor benchmarks: fused_optim has neither FusedLAMB nor FusedAdafactor yet"
+    fi
+    # The big ones: eager only (launch overhead is nothing next to 10-60 ms of memory traffic).
+    bench 60 100 --optimizer adamw --dtype fp32 --workload llama-1b,huge \
+        --provider torch-fused,torch-foreach,triton,native --no-graph "${budget[@]}"
+    # Mixed precision.
+    bench 40 90 --optimizer adamw --dtype bf16-master,bf16 --workload gpt2-small \
+        --provider torch-fused,torch-foreach,triton,native --graph "${budget[@]}"
+    # torch.compile: one workload (inductor compiles for tens of seconds).
+    if [ "$SMOKE" != 1 ]; then
+        bench 70 60 --optimizer adamw --dtype fp32 --workload gpt2-small --provider torch-compile "${budget[@]}"
+    fi
+}
 
 # The Triton program-shape probe (warps x piece size, AdamW and LAMB on gpt2-small): the evidence for
 # kernels/engine.BLOCK_WARPS and SUB_BLOCK.
-if [ "$SMOKE" != 1 ]; then
-    in_group "$(limit 60 60)" "$PY" benchmarks/triton_num_warps.py >"$OUT/triton_shapes.log" 2>&1
+stage_shapes() {
+    if [ "$SMOKE" = 1 ]; then
+        note "skip   triton program shapes (GPU_VERIFY_CPU_SMOKE=1: compiled Triton only)"
+        return
+    fi
+    in_group "$(limit 60 60 shapes)" "$PY" benchmarks/triton_num_warps.py >"$OUT/triton_shapes.log" 2>&1
     stage "triton program shapes" triton_shapes.log $?
     cat "$OUT/triton_shapes.log"
-fi
+}
 
 # -- 5. the rest of the suite on this machine (parity, interop and edge cases on CUDA tensors too) -----------------
 # pytest-xdist, when there, spreads it over the host's cores, and a test that crashes the interpreter takes down one
 # worker (reported as a failure) instead of the stage. "not slow": the slow tests rebuild the extension (JIT, every
 # CUDA kernel) and are CI's, on the CPU.
-XDIST=()
-"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-in_group "$(limit 150 5)" "$PY" -m pytest tests -m "not gpu and not slow" -q -rfE -p no:cacheprovider \
-    ${XDIST[@]+"${XDIST[@]}"} >"$OUT/tests_rest.log" 2>&1
-stage "tests -m 'not gpu and not slow'" tests_rest.log $?
-tail -n 3 "$OUT/tests_rest.log"
+stage_rest() {
+    local xdist=()
+    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+    in_group "$(limit 150 5 rest)" "$PY" -m pytest tests -m "not gpu and not slow" -q -rfE -p no:cacheprovider \
+        ${xdist[@]+"${xdist[@]}"} >"$OUT/tests_rest.log" 2>&1
+    stage "tests -m 'not gpu and not slow'" tests_rest.log $?
+    tail -n 3 "$OUT/tests_rest.log"
+}
+
+for s in "${ALL_STAGES[@]}"; do
+    if wanted "$s"; then
+        "stage_${s//-/_}"
+    else
+        note "skip   $s (not in GPU_VERIFY_STAGES)"
+    fi
+done
 
 # -- 6. summary ----------------------------------------------------------------------------------------------------
 ls -l "$OUT" >>"$OUT/summary.txt"
