@@ -364,6 +364,22 @@ def test_op_refuses_a_stale_table():
         native.adam(table, resized, hp)
 
 
+def test_op_refuses_master_weights_for_fp32_params():
+    """Master weights are fp32 copies of bf16/fp16 params: given for fp32 params, adam_ refuses them and writes
+    nothing."""
+    ps = [torch.randn(5), torch.randn(6)]
+    operands, _ = _op_args(ps)
+    operands["master_param"] = [p.clone() for p in ps]
+    table = TensorTable.build(operands, CPU)
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+              decoupled_weight_decay=True)
+    before = [p.clone() for p in ps]
+    with pytest.raises(RuntimeError, match="fused_optim::adam_: master_params were given for float32 params"):
+        native.adam(table, operands, hp)
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    assert all(float(t) == 0 for t in operands["step"])
+
+
 def test_op_schema_declares_mutation():
     schema = torch.ops.fused_optim.adam_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}

@@ -266,7 +266,7 @@ def test_grad_sq_norm_is_the_documented_order():
 # The ops' own checks (what fused_optim.native.lamb normally gets right)
 # ----------------------------------------------------------------------------------------------------------------
 # Positions in the argument list of fused_optim::lamb_ (schema: csrc/ops_lamb.cpp).
-PARAMS, PHASE, TRUST_CLIP, CLIP_LO, CLIP_HI, GRAD_CLIP, PARTIALS, SUMS = 0, 12, 20, 21, 22, 23, 24, 25
+PARAMS, MASTERS, PHASE, TRUST_CLIP, CLIP_LO, CLIP_HI, GRAD_CLIP, PARTIALS, SUMS = 0, 4, 12, 20, 21, 22, 23, 24, 25
 
 
 def _lamb_op_args(params):
@@ -315,6 +315,8 @@ def test_op_checks_its_arguments():
         op(*stale)
     with pytest.raises(RuntimeError, match=r"fused_optim::lamb_: params\[0\] has dtype Double"):
         op(*_with(args, {PARAMS: [p.double() for p in ps]}))
+    with pytest.raises(RuntimeError, match="fused_optim::lamb_: master_params were given for float32 params"):
+        op(*_with(args, {MASTERS: [torch.zeros(5), torch.zeros(4100)]}))
     with pytest.raises(RuntimeError, match="trust_clip needs 0 <= clip_lo <= clip_hi"):
         op(*_with(args, {TRUST_CLIP: True, CLIP_LO: 2.0, CLIP_HI: 1.0}))
     with pytest.raises(RuntimeError, match="grad_clip must be a 1-element float32 or float64 tensor"):
