@@ -152,11 +152,12 @@ PARITY = [
      dict(lr_tensor=True, zero=(3, 5))),
     (torch.bfloat16, (dict(weight_decay=0.1, bias_correction=False, trust_clip=(0.5, 1.0)),), {}),
     (torch.float16, (dict(weight_decay=0.01),), dict(max_grad_norm=1.0, exact_grads=True)),
+    (torch.float16, (dict(weight_decay=0.01),), {}),  # fp16 grads of every scale (GRAD_SCALES: 1e-3 to 1e2)
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,groups,options", PARITY, ids=[case_id(d) for d, _, _ in PARITY])
+@pytest.mark.parametrize("dtype,groups,options", PARITY, ids=["float32", "bfloat16", "float16-clip", "float16"])
 def test_parity(backend, dtype, groups, options):
     parity(backend, dtype, groups, **options)
 
