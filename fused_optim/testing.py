@@ -506,15 +506,22 @@ def _theta(opt, p):
 
 
 def adafactor_parity(cls, backend: str, dtype: torch.dtype, variant: dict, *, shapes, grad_scales, device,
-                     steps: int = 20, master: bool = False, lr_tensor: bool = False, seed: int = 0):
+                     steps: int = 20, master: bool = False, lr_tensor: bool = False, seed: int = 0,
+                     param_scales=None, late_step: int | None = None):
     """Step ``cls(..., backend=backend)`` (FusedAdafactor) and a reference one side by side on identical grads and,
     after every step, bound the gaps of params and state with ``ADAFACTOR_NOTES`` (the bounds grow per step from
     the reference's own trajectory, so they are checked step by step). ``variant`` may hold ``lr``; steps in
-    ``BIG_LR_STEPS`` then use 20x of it. Returns (ParityRun, checks) with checks as (what, error, bound); raises
-    AssertionError on a broken invariant that has no tolerance (state keys, step counts, state dtype/shape)."""
+    ``BIG_LR_STEPS`` then use 20x of it. ``param_scales``: a factor per tensor on its N(0, 1) initial values (0: a
+    zero param; small ones put RMS(θ) under eps2). ``late_step``: after the first step both optimizers' step counts
+    jump to ``late_step``, so the later steps are steps late_step + 1, ... (relative_step's 1/sqrt(t) cap is
+    reached after t = 10^4); the bounds, which grow with t, are then those of step t: looser than the steps taken
+    need, and still valid. Returns (ParityRun, checks) with checks as (what, error, bound); raises AssertionError
+    on a broken invariant that has no tolerance (state keys, step counts, state dtype/shape)."""
     from .reference.adafactor import relative_step_size
     gen = torch.Generator().manual_seed(seed)
-    fused_params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    scales = [1.0] * len(shapes) if param_scales is None else list(param_scales)
+    fused_params = [(torch.randn(s, generator=gen) * c).to(device=device, dtype=dtype).requires_grad_()
+                    for s, c in zip(shapes, scales)]
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
     kw = dict(variant)
     base_lr = kw.pop("lr", None)
@@ -527,9 +534,15 @@ def adafactor_parity(cls, backend: str, dtype: torch.dtype, variant: dict, *, sh
     gap_m = [0.0] * len(shapes)
     checks, lrs = [], []
     max_abs = [p.detach().float().abs() for p in ref_params]
-    for t in range(1, steps + 1):
+    for k in range(1, steps + 1):
+        t = k if late_step is None or k == 1 else late_step + k - 1
+        if k == 2 and late_step is not None:
+            with torch.no_grad():
+                for opt in (fused, ref):
+                    for st in opt.state.values():
+                        st["step"].fill_(late_step)
         if base_lr is not None:
-            step_lr = base_lr * (20.0 if t - 1 in BIG_LR_STEPS else 1.0)
+            step_lr = base_lr * (20.0 if k - 1 in BIG_LR_STEPS else 1.0)
             group["lr"] = step_lr
             if lr_tensor:
                 fused.param_groups[0]["lr"].fill_(step_lr)
