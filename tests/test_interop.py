@@ -134,7 +134,7 @@ def _grad_scaler():
     return torch.amp.GradScaler(DEVICE.type, init_scale=2.0 ** 10, growth_interval=1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
 def test_grad_scaler_skips_inf_step(backend):
     """With a GradScaler, ours and torch's fused AdamW take the same steps and skip the same one (inf grad)."""
     m_ours, m_ref = model(), model()
@@ -166,20 +166,27 @@ def test_grad_scaler_skips_inf_step(backend):
     assert not hasattr(ours, "grad_scale") and not hasattr(ours, "found_inf")
 
 
-def test_grad_scaler_unscales_grads_in_the_step():
-    """The grad handed to the kernel is divided by the scale, and written back unscaled (as torch's fused)."""
-    backend = BACKENDS[0]
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+def test_grad_scaler_unscales_grads_in_the_step(backend):
+    """The grad the update uses is divided by the scale, and written back unscaled (as torch's fused). Adam's
+    update hardly depends on the grad's scale (only through eps), so the moments show it: after one step they
+    are (1 - beta1) g and (1 - beta2) g^2 of the unscaled grad, the same fp32 operations as torch.optim.Adam's
+    on that grad, so bitwise equal (a grad left scaled by 8 makes them 8 and 64 times too large)."""
     p = torch.nn.Parameter(torch.ones(5, device=DEVICE))
     q = torch.nn.Parameter(torch.ones(5, device=DEVICE))
-    a = fused_optim.FusedAdam([p], lr=0.1, backend=backend)
-    b = fused_optim.FusedAdam([q], lr=0.1, backend="reference")
+    ours = fused_optim.FusedAdam([p], lr=0.1, backend=backend)
+    theirs = torch.optim.Adam([q], lr=0.1, foreach=False)
     g = torch.arange(1.0, 6.0, device=DEVICE)
-    for opt, t in ((a, p), (b, q)):
-        t.grad = g * 8
-        opt.grad_scale = torch.tensor(8.0, device=DEVICE)
-        opt.found_inf = torch.tensor(0.0, device=DEVICE)
-        opt.step()
-    assert torch.equal(p.grad, g) and torch.equal(q.grad, g)
+    p.grad = g * 8
+    ours.grad_scale = torch.tensor(8.0, device=DEVICE)
+    ours.found_inf = torch.tensor(0.0, device=DEVICE)
+    ours.step()
+    q.grad = g.clone()
+    theirs.step()
+    assert torch.equal(p.grad, g)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
+    # the param: a few fp32 roundings of values ~1 (the update is lr = 0.1 in size, scale or not)
     torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
 
 

@@ -62,11 +62,17 @@ def test_parity(opt, backend, dtype, variant_index):
 @pytest.mark.parametrize("opt,backend,dtype", [
     pytest.param(o, b, d, id=f"{o}-{b}-{case_id(d)}") for o, b, d in parity_cases() if d != torch.float32])
 def test_parity_master_weights(opt, backend, dtype):
+    """bf16/fp16 params with fp32 master weights. The parity bound on the param allows its own rounding (one ulp
+    of its dtype), so the rounding itself is checked exactly, on both sides: the param is its master rounded to
+    nearest even, as ``master.to(dtype)`` rounds (a truncating rounding is within the ulp and fails only here)."""
     case = OPTIMIZERS[opt]
     variant = case.variants[1]
     run = run_parity(case, backend, dtype, variant, master=True)
-    for p in run.fused_params:
-        assert run.fused.state[p]["master_param"].dtype == torch.float32
+    for side, params in ((run.fused, run.fused_params), (run.ref, run.ref_params)):
+        for i, p in enumerate(params):
+            master = side.state[p]["master_param"]
+            assert master.dtype == torch.float32
+            assert torch.equal(p.detach(), master.to(dtype)), f"param {i} is not its master rounded to nearest"
     assert_parity(case, run, dtype, variant, master=True)
 
 
