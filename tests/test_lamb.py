@@ -10,7 +10,7 @@ step starts both optimizers from the same state (the fused one copied into the r
 one-step bound; ``test_parity_end_to_end`` never re-aligns them and checks the accumulated gap against the
 propagated bound. Shapes, grad scales and the 20x learning-rate steps are test_parity's.
 
-Run: ``python -m pytest tests/test_lamb.py -q``: about 60 s of CPU under TRITON_INTERPRET=1, 25 s of it the
+Run: ``python -m pytest tests/test_lamb.py -q``: about 110 s of CPU under TRITON_INTERPRET=1, 27 s of it the
 1,000-tensor step (the interpreter runs one Python call per block: 1,000 blocks in each pass, 2,000 in the
 segment sum).
 """
