@@ -309,6 +309,37 @@ def test_state_dict_from_transformers():
         torch.testing.assert_close(p, q, rtol=0, atol=F64_ATOL)
 
 
+def test_state_dict_in_transformers_format_loads():
+    """Without transformers installed, its state_dict format by hand: ``step`` a Python int and an extra ``RMS``
+    entry per param (transformers' Adafactor keeps both). It loads (step back to an fp32 tensor) and training
+    continues bitwise as from our own state_dict."""
+    config = dict(beta1=0.9, weight_decay=0.1)
+    ours, theirs = _f64_params(0), _f64_params(0)
+    a = fused_optim.FusedAdafactor(ours, backend="reference", **config)
+    for k in range(4):
+        for p, g in zip(ours, _f64_grads(k)):
+            p.grad = g.clone()
+        a.step()
+    sd = a.state_dict()
+    foreign = {"param_groups": sd["param_groups"], "state": {
+        i: {**{k: (int(v) if k == "step" else v.clone()) for k, v in st.items()}, "RMS": torch.tensor(0.5)}
+        for i, st in sd["state"].items()}}
+    assert all(type(st["step"]) is int and "RMS" in st for st in foreign["state"].values())
+    with torch.no_grad():
+        for p, q in zip(ours, theirs):
+            q.copy_(p)
+    b = fused_optim.FusedAdafactor(theirs, backend="reference", **config)
+    b.load_state_dict(foreign)
+    assert all(b.state[q]["step"].dtype == torch.float32 and float(b.state[q]["step"]) == 4 for q in theirs)
+    for k in range(4, 8):
+        for p, q, g in zip(ours, theirs, _f64_grads(k)):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Memory, determinism, launches, GradScaler, validation.
 # ----------------------------------------------------------------------------------------------------------------
