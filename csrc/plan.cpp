@@ -11,7 +11,8 @@
 // when the table was built. Each param's
 // grad is read here (Tensor.grad, in C++), each state from its dict. Returns
 //   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous) of dtype
-//                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`,
+//                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`
+//                and the same shape,
 //                every state dict holds exactly the states `present` says and each is a strided tensor, and every
 //                address is the one in `addresses`; `grads` is the list of the n grads;
 //   (1, grads)   MOVED: all of that except that some address differs: the plan holds, the table must be rebuilt;
@@ -101,7 +102,10 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
           return kChanged;
       } else {
         const at::Tensor& g = p.grad();
-        if (!strided_address(g, &address) || g.scalar_type() != grad_dtype || !g.is_contiguous()) return kChanged;
+        // The grad's shape too: autograd keeps it equal to the param's, but `grad.data = ...` and resize_() do not.
+        if (!strided_address(g, &address) || g.scalar_type() != grad_dtype || !g.is_contiguous() ||
+            g.sizes() != p.sizes())
+          return kChanged;
         PyObject* wrapped = THPVariable_Wrap(g);  // the grad's Python object (new reference)
         if (wrapped == nullptr) {
           PyErr_Clear();

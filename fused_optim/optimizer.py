@@ -58,6 +58,7 @@ def state_dtype(param: Tensor) -> torch.dtype:
 
 
 _GRAD, _DTYPE, _SHAPE, _LAYOUT = attrgetter("grad"), attrgetter("dtype"), attrgetter("shape"), attrgetter("layout")
+_DEVICE = attrgetter("device")
 _PTR, _CONTIGUOUS = Tensor.data_ptr, Tensor.is_contiguous
 _PLAIN = frozenset((Tensor, Parameter))  # the param types a planned step takes (csrc/plan.cpp: THPVariable_CheckExact)
 
@@ -76,7 +77,8 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
     tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
     the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
     ``addresses``: rebuild the table) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or
-    went, another dtype, shape or contiguity, anything unexpected: take the full path)."""
+    went, another dtype, shape or contiguity, of a param or of its grad, anything unexpected: take the full
+    path)."""
     n = len(shapes)
     if len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n:
         return _CHANGED, None
@@ -90,7 +92,7 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                 and all(map(is_, map(_DTYPE, params), repeat(param_dtype)))
                 and all(map(is_, map(_DTYPE, grads), repeat(grad_dtype)))
                 and all(map(_CONTIGUOUS, params)) and all(map(_CONTIGUOUS, grads))
-                and list(map(_SHAPE, params)) == shapes):
+                and list(map(_SHAPE, params)) == shapes and list(map(_SHAPE, grads)) == shapes):
             return _CHANGED, None
         found = list(map(_PTR, params)) + list(map(_PTR, grads))
         for name, has in zip(names, present):
@@ -103,6 +105,15 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
     except Exception:  # a non-tensor, a tensor without storage
         return _CHANGED, None
     return (_MATCH if array("q", found) == addresses else _MOVED), grads
+
+
+def _all_on(device: torch.device, params: list, grads: list, states: list, names: list) -> bool:
+    """Whether every param, grad and state ``names`` of a bucket whose addresses moved is still on its ``device``:
+    a tensor moved to another device (``p.data = p.data.cpu()``) has a new address too, and a table rebuilt from
+    it would hold a pointer of another device. Checked only when the table is rebuilt anyway (MOVED)."""
+    states_on = (s[name].device == device for s in states for name in names if s.get(name) is not None)
+    return (all(map(device.__eq__, map(_DEVICE, params))) and all(map(device.__eq__, map(_DEVICE, grads)))
+            and all(states_on))
 
 
 class _State(defaultdict):
@@ -387,10 +398,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # grad on the params that had none; per bucket the same state dicts (looked up only when ``self.state`` is not
     # the unchanged _State the plan saw), and, in one call per bucket (``plan_match`` of the native extension,
     # csrc/plan.cpp, or the same check in Python, ``_plan_match_py``, without it), every param's grad, the params'
-    # dtype, shape, contiguity and addresses, the grads' dtype, contiguity and addresses, which state tensors each
-    # param has and their addresses. Anything different (or raising, e.g. a sparse grad) and the step takes the
+    # dtype, shape, contiguity and addresses, the grads' dtype, shape, contiguity and addresses, which state tensors
+    # each param has and their addresses. Anything different (or raising, e.g. a sparse grad) and the step takes the
     # full path above, which checks and raises as before and records a new plan. New grad objects at new addresses
-    # keep the plan and only rebuild the table. Sharded (DTensor) and reference buckets always take the full path.
+    # keep the plan and only rebuild the table, once every tensor is seen to be on the bucket's device still. Sharded (DTensor) and reference buckets always take the full path.
     # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam, LAMB and
     # Adafactor operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native,
     # grad_sq_norm; csrc/ops_common.h, TablesOnly; csrc/adafactor_ops.h). The checks here stand in for the
@@ -472,7 +483,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                         return None
                     found, grads = match(bp.params, b.states, bp.state_names, bp.state_present, b.param_dtype,
                                          b.grad_dtype, bp.addresses, bp.shapes)
-                    if found == _CHANGED:
+                    if found == _CHANGED or (found == _MOVED and not _all_on(b.device, bp.params, grads, b.states,
+                                                                              bp.state_names)):
                         return None
                     buckets.append((b, grads, bp.table if found == _MATCH else None))
         except Exception:  # anything unexpected (a deleted state dict): the full path decides

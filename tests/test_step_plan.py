@@ -41,8 +41,8 @@ FACTORIES = {
 }
 
 
-def _make(factory, planned: bool):
-    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+def _make(factory, planned: bool, dtype=torch.float32):
+    params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype))
               for i, s in enumerate(SHAPES)]
     opt = factory(params)
     opt.collects = 0
@@ -61,16 +61,16 @@ def _make(factory, planned: bool):
 def _grads(params, step: int) -> None:
     gen = torch.Generator().manual_seed(100 + step)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
 
 
-def _twins(change, factory=FACTORIES["adamw"], steps: int = 4, at: int = 2):
+def _twins(change, factory=FACTORIES["adamw"], steps: int = 4, at: int = 2, dtype=torch.float32):
     """``steps`` steps of a planned optimizer and of its unplanned twin, ``change(opt, params)`` called on both
     before step ``at``. Asserts bitwise equality; returns the planned run's (opt, params, collects) with collects
     = [full-path steps before the change, after the changed step, at the end]."""
     runs = []
     for planned in (True, False):
-        opt, params = _make(factory, planned)
+        opt, params = _make(factory, planned, dtype)
         counts = []
         for step in range(steps):
             _grads(params, step)
@@ -127,17 +127,44 @@ def test_grads_at_new_addresses_rebuild_the_table_only():
     assert next(iter(opt._tables.values())) is not tables[0]
 
 
+def test_moved_tensors_are_checked_for_their_device(monkeypatch):
+    """Tensors at new addresses rebuild the table only once every one is seen on the bucket's device still (one
+    moved to another device, ``p.data = p.data.cpu()``, has a new address too): here the device check is made to
+    fail, and the step takes the full path. The check itself: params, grads and the states read."""
+    from fused_optim import optimizer
+    from fused_optim.optimizer import _all_on
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    p, g, m = torch.zeros(2), torch.zeros(2), torch.zeros(2)
+    assert _all_on(cpu, [p], [g], [{"exp_avg": m}, {}], ["exp_avg"])  # the second param has no exp_avg
+    assert not _all_on(cpu, [p.to(meta)], [g], [{"exp_avg": m}], ["exp_avg"])
+    assert not _all_on(cpu, [p], [g.to(meta)], [{"exp_avg": m}], ["exp_avg"])
+    assert not _all_on(cpu, [p], [g], [{"exp_avg": m.to(meta)}], ["exp_avg"])
+    monkeypatch.setattr(optimizer, "_all_on", lambda *args: False)
+    kept = []
+
+    def move(opt, params):
+        kept.append([p.grad for p in params])  # held, so the new grads cannot reuse their memory
+        for p in params:
+            p.grad = p.grad.clone()  # new addresses: MOVED (planned, in test_grads_at_new_addresses_...)
+
+    _, _, counts = _twins(move)
+    assert counts[1] == counts[0] + 1  # the moved step took the full path
+
+
 def test_param_storage_swapped_rebuilds_the_table_only():
     seen = []
 
     def swap(opt, params):
-        seen.append((next(iter(opt._tables.values())), params[2].data))  # the old storage stays alive
-        params[2].data = params[2].data.clone()
+        old = params[2].data  # kept alive, so that its memory is not handed to the new storage
+        seen.append((next(iter(opt._tables.values())), old, old.clone()))
+        params[2].data = old.clone()
 
     opt, params, counts = _twins(swap)
     assert counts == KEEPS
-    assert next(iter(opt._tables.values())) is not seen[0][0]
-    assert not torch.equal(params[2].data, seen[0][1])  # the new storage was updated, the old one left alone
+    table, old, old_values = seen[0]
+    assert next(iter(opt._tables.values())) is not table
+    assert torch.equal(old, old_values)  # the old storage is no longer written
+    assert not torch.equal(params[2].data, old)  # the new one is
 
 
 def test_replaced_state_tensor_is_the_one_updated():
@@ -158,7 +185,7 @@ def test_replaced_state_tensor_is_the_one_updated():
 
 @pytest.mark.parametrize("change", [
     "grad_none", "state_key_deleted", "state_dict_replaced", "amsgrad_on", "backend_reference",
-    "param_removed", "lr_tensor",
+    "param_removed", "lr_tensor", "group_replaced", "param_replaced",
     # every way to change which state dict a param maps to (optimizer._State counts them instead of a lookup)
     "state_updated", "state_ior", "state_setdefault", "state_entry_deleted", "state_entry_popped", "state_popitem",
     "state_cleared",
@@ -194,6 +221,12 @@ def test_changes_drop_the_plan(change):
             group["backend"] = "reference"
         elif change == "param_removed":
             group["params"].pop()
+        elif change == "group_replaced":  # a new dict in its place (the plan's bucket would read the old one's lr)
+            opt.param_groups[0] = {**group, "lr": 0.5}
+        elif change == "param_replaced":  # another tensor of the same shape in the group, taking its grad
+            new = torch.nn.Parameter(params[0].detach() * 2)
+            new.grad = params[0].grad
+            group["params"][0] = params[0] = new
         elif change == "lr_tensor":
             group["lr"] = torch.tensor(group["lr"], dtype=torch.float64)
 
@@ -203,6 +236,33 @@ def test_changes_drop_the_plan(change):
     assert counts == ([1, 2, 3] if change in ("backend_reference", "grad_none") else DROPS)
     if change == "amsgrad_on":
         assert all("max_exp_avg_sq" in opt.state[p] for p in params)
+
+
+# (rule, option, value): every option of a class's state_options, changed to one that adds a state
+STATE_OPTION_CHANGES = [("adamw", "amsgrad", True), ("adamw", "master_weights", True),
+                        ("lamb", "master_weights", True), ("adafactor", "master_weights", True),
+                        ("adafactor", "beta1", 0.9)]
+
+
+@pytest.mark.parametrize("rule,option,value", STATE_OPTION_CHANGES)
+def test_state_options_drop_the_plan(rule, option, value):
+    """A group option that decides which state a param has (state_options), changed between steps, drops the plan,
+    and lazy state init adds the state: bf16 params get their master weights, Adafactor its momentum, AdamW its
+    max_exp_avg_sq (bitwise the full path's, as every twin)."""
+    factory = {"adafactor": lambda ps: fused_optim.FusedAdafactor(ps, backend="native")}.get(rule, FACTORIES[rule])
+
+    def change(opt, params):
+        opt.param_groups[0][option] = value
+
+    opt, params, counts = _twins(change, factory, dtype=torch.bfloat16)
+    assert counts == DROPS
+    key = {"master_weights": "master_param", "beta1": "exp_avg", "amsgrad": "max_exp_avg_sq"}[option]
+    assert all(key in opt.state[p] for p in params)
+
+
+def test_every_state_option_is_changed_by_a_test():
+    classes = {"adamw": fused_optim.FusedAdamW, "lamb": fused_optim.FusedLAMB, "adafactor": fused_optim.FusedAdafactor}
+    assert {(r, o) for r, o, _ in STATE_OPTION_CHANGES} == {(r, o) for r, c in classes.items() for o in c.state_options}
 
 
 def test_planned_steps_look_up_no_state_unless_the_mapping_was_replaced(monkeypatch):
@@ -518,6 +578,10 @@ def _match_cases():
     class Sub(torch.Tensor):
         pass
 
+    def with_grad(t):
+        t.grad = torch.zeros(t.shape)
+        return t
+
     return [
         case("match", lambda a: None, _MATCH),
         case("grad at a new address", lambda a: regrad(a[0][1], torch.zeros(4)), _MOVED),
@@ -536,7 +600,11 @@ def _match_cases():
         case("a non-tensor state", lambda a: put(a[1][1], "exp_avg", 1.0), _CHANGED),
         case("a sparse state", lambda a: put(a[1][1], "exp_avg", torch.zeros(4).to_sparse()), _CHANGED),
         case("a state that is not a dict", lambda a: put(a[1], 1, [("exp_avg", torch.zeros(4))]), _CHANGED),
-        case("a tensor subclass param", lambda a: put(a[0], 0, a[0][0].as_subclass(Sub)), _CHANGED),
+        # a subclass param with a grad (as_subclass alone leaves .grad None, which is CHANGED for another reason)
+        case("a tensor subclass param", lambda a: put(a[0], 0, with_grad(a[0][0].detach().as_subclass(Sub))),
+             _CHANGED),
+        # the grad's storage kept (same address), its shape not: `grad.data = ...` or resize_() bypass autograd
+        case("grad resized in place", lambda a: set_data(a[0][1].grad, a[0][1].grad.data[:2]), _CHANGED),
         case("a list of another length", lambda a: a[1].pop(), _CHANGED),
         case("too few addresses", lambda a: a[6].pop(), _CHANGED),
         case("present of another length", lambda a: put(a[3], 1, (True,)), _CHANGED),
