@@ -218,6 +218,16 @@ def _f64_grads(step):
             for i, s in enumerate(ORACLE_SHAPES)]
 
 
+def _step_side_by_side(a, b, ours, theirs, steps):
+    """Step optimizer ``a`` (of params ``ours``) and ``b`` (of ``theirs``) on the same float64 grads, those of each
+    step number in ``steps``."""
+    for k in steps:
+        for p, q, g in zip(ours, theirs, _f64_grads(k)):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+
+
 @pytest.mark.parametrize("late", [None, 40_000], ids=["early", "late"])
 @pytest.mark.parametrize("config", ORACLE_CONFIGS.values(), ids=ORACLE_CONFIGS.keys())
 def test_reference_matches_float64_oracle(config, late):
@@ -272,11 +282,7 @@ def test_reference_matches_transformers(config):
     ours, theirs = _f64_params(0), _f64_params(0)
     a = fused_optim.FusedAdafactor(ours, backend="reference", **config)
     b = transformers_optimization.Adafactor(theirs, **config)
-    for k in range(ORACLE_STEPS):
-        for p, q, g in zip(ours, theirs, _f64_grads(k)):
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
+    _step_side_by_side(a, b, ours, theirs, range(ORACLE_STEPS))
     for i, (p, q) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(p, q, rtol=0, atol=F64_ATOL, msg=lambda m: f"param {i}: {m}")
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg"):
@@ -292,19 +298,11 @@ def test_state_dict_from_transformers():
     config = dict(beta1=0.9, weight_decay=0.1)
     warm = transformers_optimization.Adafactor(ours, **config)
     ref = transformers_optimization.Adafactor(theirs, **config)
-    for k in range(4):
-        for p, q, g in zip(ours, theirs, _f64_grads(k)):
-            p.grad, q.grad = g.clone(), g.clone()
-        warm.step()
-        ref.step()
+    _step_side_by_side(warm, ref, ours, theirs, range(4))
     opt = fused_optim.FusedAdafactor(ours, backend="reference", **config)
     opt.load_state_dict(warm.state_dict())
     assert opt.state[ours[3]]["step"].dtype == torch.float32 and float(opt.state[ours[3]]["step"]) == 4
-    for k in range(4, 8):
-        for p, q, g in zip(ours, theirs, _f64_grads(k)):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
+    _step_side_by_side(opt, ref, ours, theirs, range(4, 8))
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=0, atol=F64_ATOL)
 
@@ -331,11 +329,7 @@ def test_state_dict_in_transformers_format_loads():
     b = fused_optim.FusedAdafactor(theirs, backend="reference", **config)
     b.load_state_dict(foreign)
     assert all(b.state[q]["step"].dtype == torch.float32 and float(b.state[q]["step"]) == 4 for q in theirs)
-    for k in range(4, 8):
-        for p, q, g in zip(ours, theirs, _f64_grads(k)):
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
+    _step_side_by_side(a, b, ours, theirs, range(4, 8))
     for p, q in zip(ours, theirs):
         assert torch.equal(p, q)
 
