@@ -401,7 +401,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # dtype, shape, contiguity and addresses, the grads' dtype, shape, contiguity and addresses, which state tensors
     # each param has and their addresses. Anything different (or raising, e.g. a sparse grad) and the step takes the
     # full path above, which checks and raises as before and records a new plan. New grad objects at new addresses
-    # keep the plan and only rebuild the table, once every tensor is seen to be on the bucket's device still. Sharded (DTensor) and reference buckets always take the full path.
+    # keep the plan and only rebuild the table, once every tensor is seen to be on the bucket's device still.
+    # Sharded (DTensor) and reference buckets always take the full path.
     # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam, LAMB and
     # Adafactor operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native,
     # grad_sq_norm; csrc/ops_common.h, TablesOnly; csrc/adafactor_ops.h). The checks here stand in for the
