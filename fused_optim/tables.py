@@ -40,6 +40,24 @@ def storage_key(operands: dict) -> tuple:
     return addresses, tuple(t.numel() for t in next(iter(operands.values())))
 
 
+SCALAR_OPERANDS = ("step",)  # one element per tensor
+COMPACT_OPERANDS = {"exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}  # TileTable: one per row / column of a matrix
+
+
+def _check_sizes(name: str, tensors: list, numels: list) -> None:
+    """Every tensor of operand ``name`` has the element count the kernels read and write: ``numels[i]`` (its
+    param's, or its rows' or columns' count; None: not read), one for a SCALAR_OPERANDS entry. A state tensor of another size
+    (assigned by hand, or loaded for other params) would be read and written out of bounds; this is the error
+    instead, before anything is written (the native operators check the same)."""
+    for i, (t, n) in enumerate(zip(tensors, numels)):
+        want = 1 if name in SCALAR_OPERANDS else n
+        if t is not None and want is not None and t.numel() != want:
+            what = "the grad" if name == "grad" else f"optimizer state {name!r}"
+            raise ValueError(f"{what} of tensor {i} of a launch group has {t.numel()} elements, expected {want} for "
+                             f"its param; state must match its param (load a state_dict saved for these params, or "
+                             f"delete the entry to let the optimizer create it)")
+
+
 @dataclass
 class TensorTable:
     """Device tables for one launch group. Build with :meth:`build`; keep and reuse while the key matches."""
@@ -68,6 +86,8 @@ class TensorTable:
         if any(len(lst) != count for lst in lists):
             raise ValueError("every operand list of a TensorTable needs one entry per tensor")
         numels = [t.numel() for t in lists[0]]
+        for name, lst in zip(names[1:], lists[1:]):
+            _check_sizes(name, lst, numels)
         blocks_per = [max(1, -(-n // block)) for n in numels]
         n_blocks = sum(blocks_per)
         block_tensor, block_start, first_block = [], [], [0]
@@ -249,6 +269,13 @@ class TileTable:
                 batches_total += b
                 rowp_total += b * n * ct
                 colp_total += b * m * rt
+        # The kernels read and write these many elements of each operand's tensor: a factored state (COMPACT_OPERANDS)
+        # holds a statistic per row or per column of every matrix of a batch, the others one per param element.
+        # (None: not read, as the row statistics of a flat or zero-size param)
+        per = {"row": [r[1] * r[2] if r[-1] else None for r in meta],
+               "col": [r[1] * r[3] if r[-1] else None for r in meta]}
+        for name, lst in zip(names[1:], lists[1:]):
+            _check_sizes(name, lst, per.get(COMPACT_OPERANDS.get(name), [r[0] for r in meta]))
         f = {name: k for k, name in enumerate(TILE_META_FIELDS)}
         for row in meta:  # columns and column partials follow all rows and row partials
             row[f["col_base"]] += rows_total

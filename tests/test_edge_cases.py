@@ -125,6 +125,25 @@ def test_misaligned_views(backend):
     assert_same(a, b, oa, ob, 1e-2, 3)
 
 
+@pytest.mark.parametrize("rule,key", [("adamw", "exp_avg"), ("adamw", "step"), ("lamb", "exp_avg_sq"),
+                                      ("adafactor", "exp_avg_sq_row"), ("adafactor", "exp_avg")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_state_tensor_of_another_size_is_an_error(backend, rule, key):
+    """A state tensor the kernels would read and write out of bounds (assigned by hand with another size) is a
+    clear error before anything is written, on every fused backend (the Triton kernels trusted the table)."""
+    cls = {"adamw": fused_optim.FusedAdamW, "lamb": fused_optim.FusedLAMB, "adafactor": fused_optim.FusedAdafactor}
+    p = torch.randn(4, 6, device=DEVICE).requires_grad_()
+    p.grad = torch.randn(4, 6, device=DEVICE)
+    opt = cls[rule]([p], backend=backend, **({"beta1": 0.9} if rule == "adafactor" else {}))
+    opt.step()
+    opt.state[p][key] = torch.zeros(2, device=DEVICE)
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    theta = p.detach().clone()
+    with pytest.raises(ValueError, match=f"optimizer state '{key}' of tensor 0 of a launch group has 2 elements"):
+        opt.step()
+    assert torch.equal(p, theta) and all(torch.equal(opt.state[p][k], v) for k, v in before.items())
+
+
 @pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tables_are_cached_and_rebuilt_on_storage_change(backend, planned, monkeypatch):
