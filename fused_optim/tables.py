@@ -41,7 +41,8 @@ def storage_key(operands: dict) -> tuple:
 
 
 SCALAR_OPERANDS = ("step",)  # one element per tensor
-COMPACT_OPERANDS = {"exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}  # TileTable: one per row / column of a matrix
+# TileTable operands with one element per row / column of each matrix (Adafactor's factored statistics)
+COMPACT_OPERANDS = {"exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
 
 
 def _check_sizes(name: str, tensors: list, numels: list) -> None:
