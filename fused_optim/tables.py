@@ -47,9 +47,9 @@ COMPACT_OPERANDS = {"exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
 
 def _check_sizes(name: str, tensors: list, numels: list) -> None:
     """Every tensor of operand ``name`` has the element count the kernels read and write: ``numels[i]`` (its
-    param's, or its rows' or columns' count; None: not read), one for a SCALAR_OPERANDS entry. A state tensor of another size
-    (assigned by hand, or loaded for other params) would be read and written out of bounds; this is the error
-    instead, before anything is written (the native operators check the same)."""
+    param's, or its rows' or columns' count; None: not read), one for a SCALAR_OPERANDS entry. A state tensor of
+    another size (assigned by hand, or loaded for other params) would be read and written out of bounds; this is
+    the error instead, before anything is written (the native operators check the same)."""
     for i, (t, n) in enumerate(zip(tensors, numels)):
         want = 1 if name in SCALAR_OPERANDS else n
         if t is not None and want is not None and t.numel() != want:
