@@ -273,11 +273,12 @@ class TileTable:
         # The kernels read and write these many elements of each operand's tensor: a factored state (COMPACT_OPERANDS)
         # holds a statistic per row or per column of every matrix of a batch, the others one per param element.
         # (None: not read, as the row statistics of a flat or zero-size param)
-        per = {"row": [r[1] * r[2] if r[-1] else None for r in meta],
-               "col": [r[1] * r[3] if r[-1] else None for r in meta]}
-        for name, lst in zip(names[1:], lists[1:]):
-            _check_sizes(name, lst, per.get(COMPACT_OPERANDS.get(name), [r[0] for r in meta]))
         f = {name: k for k, name in enumerate(TILE_META_FIELDS)}
+        per = {"row": [r[f["batches"]] * r[f["rows"]] if r[f["matrix"]] else None for r in meta],
+               "col": [r[f["batches"]] * r[f["cols"]] if r[f["matrix"]] else None for r in meta],
+               None: [r[f["numel"]] for r in meta]}
+        for name, lst in zip(names[1:], lists[1:]):
+            _check_sizes(name, lst, per[COMPACT_OPERANDS.get(name)])
         for row in meta:  # columns and column partials follow all rows and row partials
             row[f["col_base"]] += rows_total
             row[f["col_part_base"]] += rowp_total
