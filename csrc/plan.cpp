@@ -1,24 +1,29 @@
 // fused_optim._C.plan_match: the per-tensor half of the optimizer's step-plan check (fused_optim/optimizer.py,
 // FusedOptimizer._planned_buckets), in C.
 //
-//   plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes) -> (result, grads)
+//   plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels)
+//     -> (result, grads)
 //
 // One bucket of n params: `params` (list of n tensors), `states` (list of their n state dicts), `names` (list of k
 // str: the state keys the launch reads, in table order), `present` (list of k: True when every param has that
 // state, else a tuple of n bools saying which do), `param_dtype` and `grad_dtype` (torch.dtype), `addresses`
 // (an int64 buffer, array.array('q'), of (2 + k) * n entries, operand by operand: the params, their grads, then each
 // state in `names` order; 0 for a state a param does not have) and `shapes` (the n params' torch.Size) as they were
-// when the table was built. Each param's
-// grad is read here (Tensor.grad, in C++), each state from its dict. Returns
+// when the table was built, `state_dtype` (torch.dtype: every state tensor's) and `numels` (an int64 buffer of
+// k * n entries in the order of the states' addresses: the elements the kernels read of each state tensor, -1 where
+// none are read or the param has no such state). Each param's grad is read here (Tensor.grad, in C++), each state
+// from its dict. Returns
 //   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous) of dtype
 //                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`
 //                and the same shape,
-//                every state dict holds exactly the states `present` says and each is a strided tensor, and every
-//                address is the one in `addresses`; `grads` is the list of the n grads;
+//                every state dict holds exactly the states `present` says and each is a strided contiguous tensor
+//                of dtype `state_dtype` and the size in `numels`, and every address is the one in `addresses`;
+//                `grads` is the list of the n grads;
 //   (1, grads)   MOVED: all of that except that some address differs: the plan holds, the table must be rebuilt;
 //   (2, None)    CHANGED: anything else (a missing grad, a sparse grad, a non-tensor, a state that appeared or went,
-//                a tensor without storage, another dtype, shape or length): the step takes the full path, which
-//                names the problem.
+//                a tensor without storage, another dtype, shape, size, layout or length): the step takes the full
+//                path, which names the problem. A state tensor's size and dtype are read although its address is
+//                unchanged: a tensor at the address of a freed one, a view of another dtype or resize_() keep it.
 // Wrong argument types raise TypeError.
 //
 // The Python function fused_optim.optimizer._plan_match_py states the same check; tests/test_step_plan.py runs
@@ -67,11 +72,11 @@ bool strided_address(const at::Tensor& t, int64_t* out) {
   return true;
 }
 
-// Walks the expected addresses in table order.
-class Addresses {
+// Walks an int64 buffer (the expected addresses, or the state sizes) in table order.
+class Int64s {
  public:
-  explicit Addresses(const int64_t* data) : data_(data) {}
-  bool next_equals(int64_t address) { return data_[at_++] == address; }
+  explicit Int64s(const int64_t* data) : data_(data) {}
+  int64_t next() { return data_[at_++]; }
 
  private:
   const int64_t* data_;
@@ -81,13 +86,15 @@ class Addresses {
 // kMatch, kMoved or kChanged, with the grads appended to `grads` (a new list of n) unless kChanged; throws only for
 // a C++ error in a tensor's accessors (the caller maps it to kChanged).
 long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject* present, at::ScalarType param_dtype,
-                  at::ScalarType grad_dtype, const Py_buffer& addresses, PyObject* shapes, PyObject* grads) {
+                  at::ScalarType grad_dtype, const Py_buffer& addresses, PyObject* shapes, at::ScalarType state_dtype,
+                  const Py_buffer& numels, PyObject* grads) {
   const Py_ssize_t n = PyList_GET_SIZE(shapes), k = PyList_GET_SIZE(names);
+  constexpr auto word = static_cast<Py_ssize_t>(sizeof(int64_t));
   if (PyList_GET_SIZE(params) != n || PyList_GET_SIZE(states) != n || PyList_GET_SIZE(present) != k ||
-      addresses.len != (2 + k) * n * static_cast<Py_ssize_t>(sizeof(int64_t)))
+      addresses.len != (2 + k) * n * word || numels.len != k * n * word)
     return kChanged;
   bool moved = false;
-  Addresses expected(static_cast<const int64_t*>(addresses.buf));
+  Int64s expected(static_cast<const int64_t*>(addresses.buf)), sizes(static_cast<const int64_t*>(numels.buf));
   // The params, then their grads (two walks over the list, to keep the table's order).
   for (int pass = 0; pass < 2; ++pass) {
     for (Py_ssize_t i = 0; i < n; ++i) {
@@ -113,7 +120,7 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
         }
         PyList_SET_ITEM(grads, i, wrapped);  // steals the reference
       }
-      moved = !expected.next_equals(address) || moved;
+      moved = expected.next() != address || moved;
     }
   }
   // The states, name by name.
@@ -138,56 +145,70 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
       }
       if (found != static_cast<bool>(wanted)) return kChanged;  // a state appeared or went: lazy init decides
       int64_t address = 0;
-      if (found && (!THPVariable_Check(value) || !strided_address(THPVariable_Unpack(value), &address)))
-        return kChanged;
-      moved = !expected.next_equals(address) || moved;
+      const int64_t size = sizes.next();
+      if (found) {
+        if (!THPVariable_Check(value)) return kChanged;
+        const at::Tensor& t = THPVariable_Unpack(value);
+        if (!strided_address(t, &address) || t.scalar_type() != state_dtype || !t.is_contiguous() ||
+            (size >= 0 && t.numel() != size))
+          return kChanged;
+      }
+      moved = expected.next() != address || moved;
     }
   }
   return moved ? kMoved : kMatch;
 }
 
+// A buffer of int64 (array.array('q')), read in place rather than one Python int at a time; released on scope exit.
+class Int64Buffer {
+ public:
+  // False (with no Python error set) when `obj` is not a C-contiguous buffer of int64.
+  bool get(PyObject* obj) {
+    if (PyObject_GetBuffer(obj, &view_, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+      PyErr_Clear();
+      return false;
+    }
+    held_ = true;
+    const char* format = view_.format == nullptr ? "" : view_.format;
+    if (*format == '@' || *format == '=') ++format;  // native byte order, as 'q' alone
+    return view_.itemsize == sizeof(int64_t) && (std::strcmp(format, "q") == 0 || std::strcmp(format, "l") == 0);
+  }
+  const Py_buffer& view() const { return view_; }
+  ~Int64Buffer() {
+    if (held_) PyBuffer_Release(&view_);
+  }
+
+ private:
+  Py_buffer view_{};
+  bool held_ = false;
+};
+
 PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   static const char* usage = "plan_match(params: list, states: list, names: list, present: list, param_dtype: "
-                             "torch.dtype, grad_dtype: torch.dtype, addresses: array('q'), shapes: list)";
-  if (nargs != 8) {
-    PyErr_Format(PyExc_TypeError, "%s takes 8 arguments, got %zd", usage, nargs);
+                             "torch.dtype, grad_dtype: torch.dtype, addresses: array('q'), shapes: list, "
+                             "state_dtype: torch.dtype, numels: array('q'))";
+  if (nargs != 10) {
+    PyErr_Format(PyExc_TypeError, "%s takes 10 arguments, got %zd", usage, nargs);
     return nullptr;
   }
   PyObject *params = args[0], *states = args[1], *names = args[2], *present = args[3], *shapes = args[7];
+  Int64Buffer addresses, numels;
   if (!PyList_Check(params) || !PyList_Check(states) || !PyList_Check(names) || !PyList_Check(present) ||
-      !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(shapes)) {
-    PyErr_SetString(PyExc_TypeError, usage);
-    return nullptr;
-  }
-  // The addresses as one buffer of int64 (array.array('q')): read in place, not one Python int at a time.
-  Py_buffer addresses;
-  if (PyObject_GetBuffer(args[6], &addresses, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
-    PyErr_Clear();
-    PyErr_SetString(PyExc_TypeError, usage);
-    return nullptr;
-  }
-  const char* format = addresses.format == nullptr ? "" : addresses.format;
-  if (*format == '@' || *format == '=') ++format;  // native byte order, as 'q' alone
-  const bool int64s = addresses.itemsize == sizeof(int64_t) && (std::strcmp(format, "q") == 0 ||
-                                                                 std::strcmp(format, "l") == 0);
-  if (!int64s) {
-    PyBuffer_Release(&addresses);
+      !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(shapes) || !THPDtype_Check(args[8]) ||
+      !addresses.get(args[6]) || !numels.get(args[9])) {
     PyErr_SetString(PyExc_TypeError, usage);
     return nullptr;
   }
   PyObject* grads = PyList_New(PyList_GET_SIZE(shapes));  // filled with new references as the grads are read
-  if (grads == nullptr) {
-    PyBuffer_Release(&addresses);
-    return nullptr;
-  }
+  if (grads == nullptr) return nullptr;
   long result = kChanged;
   try {
-    result = bucket_match(params, states, names, present, reinterpret_cast<THPDtype*>(args[4])->scalar_type,
-                          reinterpret_cast<THPDtype*>(args[5])->scalar_type, addresses, shapes, grads);
+    const auto dtype = [&](int at) { return reinterpret_cast<THPDtype*>(args[at])->scalar_type; };
+    result = bucket_match(params, states, names, present, dtype(4), dtype(5), addresses.view(), shapes, dtype(8),
+                          numels.view(), grads);
   } catch (const std::exception&) {
     result = kChanged;  // e.g. a tensor whose data_ptr() throws: the full path decides
   }
-  PyBuffer_Release(&addresses);
   if (result == kChanged) {
     Py_DECREF(grads);  // PyList's dealloc skips the slots still NULL
     return Py_BuildValue("(lO)", result, Py_None);
@@ -199,9 +220,9 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
 
 PyMethodDef plan_methods[] = {
     {"plan_match", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_match)), METH_FASTCALL,
-     "plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes) -> (0, grads) "
-     "(match), (1, grads) (moved: addresses differ) or (2, None) (changed): the step plan's per-tensor check "
-     "(csrc/plan.cpp)."},
+     "plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels) -> "
+     "(0, grads) (match), (1, grads) (moved: addresses differ) or (2, None) (changed): the step plan's per-tensor "
+     "check (csrc/plan.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace fused_optim

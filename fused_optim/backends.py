@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import native, reference
-from .tables import TensorTable, storage_key
+from .tables import TensorTable, check_operands, readdress, storage_key
 
 NAMES = ("auto", "triton", "native", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -195,6 +195,13 @@ class Bucket:
     # Set by the optimizer's step plan (optimizer.py) when it has already read this step's tensors and found the
     # cached table's addresses equal to theirs: then no operand list is built to check them again here.
     checked_table: object = None
+    prepared: tuple | None = None  # (table, operand lists or None) of this step, from prepare()
+
+    def end_step(self) -> None:
+        """Drop what one step read. A step plan keeps its buckets between steps: holding the grads would keep them
+        alive after ``zero_grad(set_to_none=True)`` (a second set of grads in memory during the next backward,
+        and new grads at new addresses, so a table rebuilt at every step)."""
+        self.grads, self.prepared, self.checked_table = [], None, None
 
     @property
     def key(self) -> tuple:
@@ -216,13 +223,25 @@ class Bucket:
 
 def operand_names(backend: str, rule: str) -> tuple:
     """The operands (in table order) that ``backend``'s launcher of ``rule`` reads; () for the reference."""
-    if backend == "triton":
-        from . import kernels
+    return tuple(_launcher(backend, rule).OPERANDS) if backend in ("triton", "native") else ()
 
-        return tuple(kernels.RULES[rule].OPERANDS)
-    if backend == "native":
-        return tuple(native.RULES[rule].OPERANDS)
-    return ()
+
+def prepare(bucket: Bucket, rule: str, *, tables: dict) -> None:
+    """Build or check the device table of ``bucket`` for ``rule`` (triton and native; nothing for the reference),
+    for :func:`run` and :func:`grad_sq_norm` to use in this step. Raises ValueError for an operand the kernels
+    cannot take: the optimizer prepares every bucket of a step before it launches any, so that a bad operand
+    leaves every param and state untouched."""
+    if bucket.backend in ("triton", "native"):
+        bucket.prepared = _table(bucket, _launcher(bucket.backend, rule), tables)
+
+
+def _launcher(backend: str, rule: str):
+    """The triton or native launcher of ``rule``."""
+    if backend == "triton":
+        from . import kernels  # imported on first use: TRITON_INTERPRET must be set before the kernels are defined
+
+        return kernels.RULES[rule]
+    return native.RULES[rule]
 
 
 def run(bucket: Bucket, rule: str, hp: dict, *, tables: dict, grad_scale=None, found_inf=None) -> None:
@@ -254,22 +273,31 @@ def _run_reference(bucket, rule, hp, grad_scale, found_inf):
 def _table(bucket, launcher, tables) -> tuple:
     """``(table, operands)``: the cached device table of ``bucket`` for ``launcher``'s operands (triton or native),
     rebuilt when a tensor's storage changed, and the operand lists read to check that (None when the step plan had
-    checked this table: ``bucket.checked_table``)."""
+    checked this table: ``bucket.checked_table``). Raises ValueError for an operand the kernels cannot take
+    (``check_operands``), on a rebuild and on reuse: equal addresses do not prove equal sizes and dtypes. Once a
+    step has prepared the bucket (:func:`prepare`), its result."""
+    if bucket.prepared is not None:
+        return bucket.prepared
     table = tables.get(bucket.key)
     if table is not None and table is bucket.checked_table:
         return table, None
     operands = bucket.operands(launcher.OPERANDS)
-    if table is None or table.key != storage_key(operands):
+    where = lambda i: Where(bucket.group_index, bucket.index[i])  # noqa: E731 (names a param in an error)
+    key = storage_key(operands)
+    if table is not None and table.key == key:
+        check_operands(operands, table.expect, where=where)
+    elif table is not None and table.key[1] == key[1] and list(table.ptrs) == list(operands):
+        # Only addresses moved (new grads after zero_grad(set_to_none=True)): new address tables, the same map.
+        table = tables[bucket.key] = readdress(table, operands, bucket.device, where)
+    else:
         # A rule whose kernels need another map than the 1-D block map (Adafactor's 2-D tiles) brings its builder.
-        table = getattr(launcher, "build_table", TensorTable.build)(operands, bucket.device)
+        table = getattr(launcher, "build_table", TensorTable.build)(operands, bucket.device, where=where)
         tables[bucket.key] = table
     return table, operands
 
 
 def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
-    from . import kernels  # imported on first use: TRITON_INTERPRET must be set before the kernels are defined
-
-    launcher = kernels.RULES[rule]
+    launcher = _launcher("triton", rule)
     table, _ = _table(bucket, launcher, tables)
     launcher(table, hp, param_dtype=bucket.param_dtype, grad_dtype=bucket.grad_dtype,
              master=bucket.states[0].get("master_param") is not None,
@@ -289,11 +317,11 @@ def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, fo
     if bucket.backend == "triton":
         from . import kernels
 
-        table, _ = _table(bucket, kernels.RULES[rule], tables)
+        table, _ = _table(bucket, _launcher("triton", rule), tables)
         return kernels.grad_sq_norm(table, grad_dtype=bucket.grad_dtype, grad_scale=grad_scale,
                                     found_inf=found_inf)
     if bucket.backend == "native":
-        table, operands = _table(bucket, native.RULES[rule], tables)
+        table, operands = _table(bucket, _launcher("native", rule), tables)
         if operands is None:  # the step plan checked the grads against this table: pass it alone
             return native.grad_sq_norm(table, None, grad_scale=grad_scale, found_inf=found_inf,
                                        grad_dtype=bucket.grad_dtype)

@@ -31,6 +31,7 @@ from torch.autograd.graph import increment_version
 from torch.nn import Parameter
 
 from . import backends, native
+from .tables import STATE_DTYPE
 
 
 def _dtensor_type():
@@ -71,16 +72,17 @@ def _address_or_0(t) -> int:
 
 
 def _plan_match_py(params: list, states: list, names: list, present: list, param_dtype, grad_dtype,
-                   addresses: array, shapes: list) -> tuple:
+                   addresses: array, shapes: list, state_dtype, numels: array) -> tuple:
     """The step plan's per-tensor check of one bucket; ``plan_match`` of the native extension (csrc/plan.cpp, whose
     comment says what each argument is) is the same check in C, used when the extension is there;
     tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
     the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
     ``addresses``: rebuild the table) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or
-    went, another dtype, shape or contiguity, of a param or of its grad, anything unexpected: take the full
-    path)."""
+    went, another dtype, shape or contiguity, of a param or of its grad, a state tensor of another dtype, size
+    (``numels``, -1: any) or layout, anything unexpected: take the full path)."""
     n = len(shapes)
-    if len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n:
+    if (len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n
+            or len(numels) != len(names) * n):
         return _CHANGED, None
     try:
         # Only plain tensors: a subclass could give ``.grad`` another meaning (the C check reads it in C++).
@@ -95,11 +97,14 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                 and list(map(_SHAPE, params)) == shapes and list(map(_SHAPE, grads)) == shapes):
             return _CHANGED, None
         found = list(map(_PTR, params)) + list(map(_PTR, grads))
-        for name, has in zip(names, present):
+        for j, (name, has) in enumerate(zip(names, present)):
             values = list(map(dict.get, states, repeat(name)))  # a state that is not a dict raises
             if tuple(map(is_not, values, repeat(None))) != (has if has is not True else (True,) * n):
                 return _CHANGED, None  # a state appeared or went: lazy init decides
-            if not all(v is None or v.layout is torch.strided for v in values):  # a non-tensor raises
+            # A non-tensor raises; a tensor at an unchanged address can still have another size or dtype.
+            if not all(v is None or (v.layout is torch.strided and v.dtype is state_dtype and v.is_contiguous()
+                                     and want in (-1, v.numel()))
+                       for v, want in zip(values, numels[j * n:(j + 1) * n])):
                 return _CHANGED, None
             found.extend(map(_address_or_0, values))
     except Exception:  # a non-tensor, a tensor without storage
@@ -155,15 +160,18 @@ class _BucketPlan:
     state_present: list  # per state_names: True (every param has it) or a tuple of bools per param
     shapes: list  # of the params
     addresses: array  # int64: the table's addresses in table order, less those of the operands no param has
+    numels: array  # int64: the elements the table's kernels read of each state tensor of state_names (-1: none)
     table: object  # the cached table those addresses are the key of
 
     def use(self, table) -> None:
-        """Take ``table`` (a TensorTable or TileTable of this bucket) and its addresses."""
+        """Take ``table`` (a TensorTable or TileTable of this bucket), its addresses and its state sizes."""
         n = len(self.params)
         read = {"param", "grad", *self.state_names}
         self.table = table
         self.addresses = array("q", [a for k, name in enumerate(self.names) if name in read
                                      for a in table.key[0][k * n:(k + 1) * n]])
+        self.numels = array("q", [-1 if want is None else want for name in self.state_names
+                                  for want in table.expect[name]])
 
 
 @dataclass
@@ -360,6 +368,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 on_device[dev] = tuple(None if t is None else t.to(dev, non_blocking=True)
                                        for t in (grad_scale, found_inf))
         try:
+            for bucket in buckets:  # every table built or checked before any launch: a bad operand writes nothing
+                backends.prepare(bucket, self.rule, tables=self._tables)
             whole_step = self._step_hyperparameters(buckets, on_device) if buckets else {}
             for bucket in buckets:
                 dev = bucket.device
@@ -371,10 +381,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._plan = None  # the next step takes the full path, which checks everything again
             raise
-        if planned:
-            self._update_plan()
         else:
-            self._record_plan(buckets)
+            if planned:
+                self._update_plan()
+            else:
+                self._record_plan(buckets)
+        finally:
+            for bucket in buckets:
+                bucket.end_step()
         return loss
 
     @staticmethod
@@ -399,16 +413,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     # the unchanged _State the plan saw), and, in one call per bucket (``plan_match`` of the native extension,
     # csrc/plan.cpp, or the same check in Python, ``_plan_match_py``, without it), every param's grad, the params'
     # dtype, shape, contiguity and addresses, the grads' dtype, shape, contiguity and addresses, which state tensors
-    # each param has and their addresses. Anything different (or raising, e.g. a sparse grad) and the step takes the
-    # full path above, which checks and raises as before and records a new plan. New grad objects at new addresses
-    # keep the plan and only rebuild the table, once every tensor is seen to be on the bucket's device still.
+    # each param has, their addresses, dtypes, contiguity and sizes. Anything different (or raising, e.g. a sparse
+    # grad) and the step takes the full path above, which checks and raises as before and records a new plan. New
+    # grad objects at new addresses keep the plan and only rebuild the table, once every tensor is seen to be on
+    # the bucket's device still.
     # Sharded (DTensor) and reference buckets always take the full path.
     # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam, LAMB and
     # Adafactor operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native,
     # grad_sq_norm; csrc/ops_common.h, TablesOnly; csrc/adafactor_ops.h). The checks here stand in for the
-    # operator's: every address equal to the table's, and the params' and grads' dtype, shape and contiguity; a
-    # state tensor at an address of the table is taken to be the fp32 tensor the full path checked there (as the
-    # table itself does).
+    # operator's (and for tables.check_operands): every address equal to the table's, the params' and grads' dtype,
+    # shape and contiguity, the state tensors' dtype, contiguity and sizes.
     def _plan_signature(self, group: dict) -> tuple:
         lr = group["lr"]
         return (group["backend"], lr.device if isinstance(lr, Tensor) else None,
@@ -439,7 +453,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         state_names.append(name)
                         state_present.append(True if all(has) else has)
                 bp = _BucketPlan(b, list(b.params), names, state_names, state_present, list(map(_SHAPE, b.params)),
-                                 [], None)
+                                 array("q"), array("q"), None)
                 bp.use(table)
                 bucket_plans.append(bp)
             plan.append(_GroupPlan(group, params, tuple(p for p in params if p.grad is None),
@@ -451,14 +465,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         """After a planned step whose table was rebuilt (new addresses): remember the new table."""
         for gp in self._plan:
             for bp in gp.buckets:
-                b = bp.bucket
-                if b.checked_table is None:
-                    table = self._tables.get(b.key)
-                    if table is None:
-                        self._plan = None
-                        return
+                table = self._tables.get(bp.bucket.key)
+                if table is None:
+                    self._plan = None
+                    return
+                if table is not bp.table:
                     bp.use(table)
-                b.checked_table = None
 
     def _planned_buckets(self) -> list | None:
         """The buckets of this step if the plan of the last one still holds, else None (take the full path)."""
@@ -483,7 +495,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if look_up and not all(map(is_, map(state.__getitem__, bp.params), b.states)):
                         return None
                     found, grads = match(bp.params, b.states, bp.state_names, bp.state_present, b.param_dtype,
-                                         b.grad_dtype, bp.addresses, bp.shapes)
+                                         b.grad_dtype, bp.addresses, bp.shapes, STATE_DTYPE, bp.numels)
                     if found == _CHANGED or (found == _MOVED and not _all_on(b.device, bp.params, grads, b.states,
                                                                               bp.state_names)):
                         return None

@@ -13,15 +13,23 @@ Rules that keep row and column statistics of matrices (Adafactor) use :class:`Ti
 file): the same address tables, and a 2-D tile map (tensor, matrix of a batch, row tile, column tile) with the
 layout of the per-tile row/column partial sums and of the finished statistics.
 
-Built once on the host and copied in one transfer; the caller caches it and rebuilds only when
-:func:`storage_key` changes (new params, grads re-allocated after ``zero_grad(set_to_none=True)``, state loaded).
+Built once on the host and copied in one transfer; the caller caches it and rebuilds it only when the params'
+shapes change (:func:`storage_key`). When only addresses change (grads re-allocated after
+``zero_grad(set_to_none=True)``, state loaded) :func:`readdress` copies new address tables and keeps the map.
 A table holds nothing but addresses and sizes (and, for a TileTable, scratch buffers sized by them), so equal
-keys mean an identical table.
+keys mean an identical table. What the kernels take on trust, every operand tensor's size, dtype, layout and
+device, is checked when a table is built (:func:`check_operands`), and, apart from the device, again whenever a
+cached table is reused with operands read afresh (``table.expect`` keeps the sizes it was built for): a tensor at
+the same address can have another size or dtype (a state replaced after the old one was freed, a ``view`` of
+another dtype, ``resize_``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter, is_, is_not
 
 import torch
 
@@ -33,30 +41,98 @@ DEFAULT_BLOCK = 4096
 
 def storage_key(operands: dict) -> tuple:
     """What a cached table depends on: every operand's addresses (0 for an absent operand) and the first operand's
-    (the params') sizes, from which the block map is cut. Computed at every step: one ``data_ptr()`` call per
-    tensor and operand, about 0.1 us each. (A state tensor replaced by one of another size at the very same address
-    would go unnoticed; the optimizer creates its state, and ``load_state_dict`` drops every table.)"""
+    (the params') shapes, from which the block or tile map is cut. Computed at every step: one ``data_ptr()`` call
+    per tensor and operand, about 0.1 us each. Equal keys do not prove that the other operands kept their sizes and
+    dtypes: :func:`check_operands` with the table's ``expect`` does, on reuse. Keys that differ in the addresses
+    alone need no new map: :func:`readdress`."""
     addresses = tuple(0 if t is None else t.data_ptr() for lst in operands.values() for t in lst)
-    return addresses, tuple(t.numel() for t in next(iter(operands.values())))
+    return addresses, tuple(t.shape for t in next(iter(operands.values())))
+
+
+def readdress(table, operands: dict, device: torch.device, where=None):
+    """A copy of ``table`` (a TensorTable or TileTable) for ``operands``, whose params have the shapes ``table`` was
+    built for (the same ``storage_key(operands)[1]``) and whose tensors moved (new grads after
+    ``zero_grad(set_to_none=True)``, state loaded): new address tables, the same map, scratch buffers and
+    counters (the old table is dropped). Checks the operands as a build does. Costs one small host-to-device copy
+    instead of cutting the map again (a TileTable of GPT-2's params took about 10 ms to build on the host)."""
+    key = storage_key(operands)
+    if key[1] != table.key[1] or list(operands) != list(table.ptrs):
+        raise ValueError("readdress needs operands of the table's names and param shapes; build a new table")
+    check_operands(operands, table.expect, device, where)
+    host, dev = _upload(torch.tensor(key[0], dtype=torch.int64), device)
+    n = table.n_tensors
+    return dataclasses.replace(table, key=key, ptrs={name: dev[k * n:(k + 1) * n] for k, name in enumerate(operands)},
+                               aligned=all(a % 16 == 0 for a in key[0]), _host=host)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> tuple:
+    """``(staging, on_device)``: ``host`` copied to ``device`` without blocking the host; ``staging`` is the pinned
+    buffer the copy reads from, to keep alive with the result (None off CUDA)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+        return host, host.to(device, non_blocking=True)
+    return None, host.to(device)
 
 
 SCALAR_OPERANDS = ("step",)  # one element per tensor
 # TileTable operands with one element per row / column of each matrix (Adafactor's factored statistics)
 COMPACT_OPERANDS = {"exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
+# Every operand but the params and grads is optimizer state, which both engines read and write as fp32 (the
+# params' and grads' dtypes are the launch group's, compile-time arguments of the kernels).
+STATE_DTYPE = torch.float32
+NOT_STATE = ("param", "grad")
+_NUMEL, _CONTIGUOUS = torch.Tensor.numel, torch.Tensor.is_contiguous
+_DTYPE, _DEVICE = attrgetter("dtype"), attrgetter("device")
 
 
-def _check_sizes(name: str, tensors: list, numels: list) -> None:
-    """Every tensor of operand ``name`` has the element count the kernels read and write: ``numels[i]`` (its
-    param's, or its rows' or columns' count; None: not read), one for a SCALAR_OPERANDS entry. A state tensor of
-    another size (assigned by hand, or loaded for other params) would be read and written out of bounds; this is
-    the error instead, before anything is written (the native operators check the same)."""
-    for i, (t, n) in enumerate(zip(tensors, numels)):
-        want = 1 if name in SCALAR_OPERANDS else n
-        if t is not None and want is not None and t.numel() != want:
+def check_operands(operands: dict, expect: dict, device: torch.device | None = None, where=None) -> None:
+    """Every tensor of every operand but the first (the params, which the caller checks) is what the kernels read
+    and write through a table: ``expect[name][i]`` elements (None: not read), and for optimizer state a contiguous
+    STATE_DTYPE tensor; with ``device``, on that device. Raises ValueError naming the first that is not (its param
+    as ``where(i)`` says, e.g. "param 3 of param group 1"), before anything is written: the kernels would read and
+    write it out of bounds or misread it. Runs whenever a table is built or reused with operand lists read afresh;
+    the all-good case costs about 0.25 us a tensor."""
+    for name, tensors in list(operands.items())[1:]:
+        want, state = expect[name], name not in NOT_STATE
+        present = list(map(is_not, tensors, repeat(None)))  # (list.count(None) would call Tensor.__eq__)
+        if not any(present):
+            continue
+        if all(present) and None not in want:  # the common case, in bulk (C-level map calls)
+            if (list(map(_NUMEL, tensors)) == want
+                    and (not state or (all(map(is_, map(_DTYPE, tensors), repeat(STATE_DTYPE)))
+                                       and all(map(_CONTIGUOUS, tensors))))
+                    and (device is None or all(map(device.__eq__, map(_DEVICE, tensors))))):
+                continue
+        elif all(t is None or ((n is None or t.numel() == n)
+                               and (not state or (t.dtype is STATE_DTYPE and t.is_contiguous()))
+                               and (device is None or t.device == device))
+                 for t, n in zip(tensors, want)):
+            continue
+        # find the first offender and name it
+        for i, (t, n) in enumerate(zip(tensors, want)):
+            if t is None:
+                continue
             what = "the grad" if name == "grad" else f"optimizer state {name!r}"
-            raise ValueError(f"{what} of tensor {i} of a launch group has {t.numel()} elements, expected {want} for "
-                             f"its param; state must match its param (load a state_dict saved for these params, or "
-                             f"delete the entry to let the optimizer create it)")
+            at = f"{what} of {where(i) if where is not None else f'tensor {i} of a launch group'}"
+            fix = ("state must match its param (load a state_dict saved for these params, or delete the entry to let "
+                   "the optimizer create it)" if state else "assign the param a grad of its own shape")
+            if n is not None and t.numel() != n:
+                raise ValueError(f"{at} has {t.numel()} elements, expected {n} for its param; {fix}")
+            if state and t.dtype is not STATE_DTYPE:
+                raise ValueError(f"{at} has dtype {t.dtype}, expected {STATE_DTYPE}; {fix}")
+            if state and not t.is_contiguous():
+                raise ValueError(f"{at} is not contiguous (strides {tuple(t.stride())}); {fix}")
+            if device is not None and t.device != device:
+                raise ValueError(f"{at} is on {t.device}, its param on {device}; {fix}")
+
+
+def _expect(names: list, numels: list, compact: dict | None = None) -> dict:
+    """``expect`` of a table: the elements the kernels read and write of each operand's tensors (None: not read):
+    one per SCALAR_OPERANDS entry, ``compact[kind]`` for a COMPACT_OPERANDS one, else its param's numel."""
+    return {name: ([1] * len(numels) if name in SCALAR_OPERANDS
+                   else compact[COMPACT_OPERANDS[name]] if compact is not None and name in COMPACT_OPERANDS
+                   else list(numels))
+            for name in names[1:]}
 
 
 @dataclass
@@ -74,12 +150,14 @@ class TensorTable:
     n_blocks: int
     block: int
     aligned: bool  # every address is a multiple of 16 bytes (see ``operand``)
+    expect: dict = field(default_factory=dict)  # operand name -> elements read per tensor (``check_operands``)
     _host: torch.Tensor | None = None  # the pinned staging buffer, kept alive until the async copy is done
 
     @classmethod
-    def build(cls, operands: dict, device: torch.device, block: int | None = None) -> "TensorTable":
+    def build(cls, operands: dict, device: torch.device, block: int | None = None, where=None) -> "TensorTable":
         """``operands`` maps a name to a list of tensors (or ``None``s for an absent operand); every list has one
-        entry per tensor of the group, and the first list gives the element counts."""
+        entry per tensor of the group, and the first list gives the element counts. ``where``: names tensor i in
+        errors (:func:`check_operands`)."""
         block = block or DEFAULT_BLOCK
         names = list(operands)
         lists = [operands[n] for n in names]
@@ -87,8 +165,8 @@ class TensorTable:
         if any(len(lst) != count for lst in lists):
             raise ValueError("every operand list of a TensorTable needs one entry per tensor")
         numels = [t.numel() for t in lists[0]]
-        for name, lst in zip(names[1:], lists[1:]):
-            _check_sizes(name, lst, numels)
+        expect = _expect(names, numels)
+        check_operands(operands, expect, device, where)
         blocks_per = [max(1, -(-n // block)) for n in numels]
         n_blocks = sum(blocks_per)
         block_tensor, block_start, first_block = [], [], [0]
@@ -101,12 +179,7 @@ class TensorTable:
         pieces = [[0 if t is None else t.data_ptr() for t in lst] for lst in lists]
         pieces += [numels, block_start, block_tensor, first_block, [0] * count]
         flat = [v for piece in pieces for v in piece]
-        host = torch.tensor(flat, dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-            dev = host.to(device, non_blocking=True)
-        else:
-            dev = host.to(device)
+        staging, dev = _upload(torch.tensor(flat, dtype=torch.int64), device)
         views, at = [], 0
         for piece in pieces:
             views.append(dev[at:at + len(piece)])
@@ -125,10 +198,9 @@ class TensorTable:
             n_blocks=n_blocks,
             block=block,
             aligned=all(v % 16 == 0 for piece in pieces[: len(names)] for v in piece),
-            _host=host if device.type == "cuda" else None,
+            expect=expect,
+            _host=staging,
         )
-
-
 
 
 # ================================================================================================================
@@ -204,6 +276,7 @@ class TileTable:
     matrices: tuple = ()  # indices of the matrix tensors (row and column statistics), in tensor order
     flats: tuple = ()  # indices of the flat tensors with elements (a zero-size tensor has nothing to update)
     work: dict = field(default_factory=dict)
+    expect: dict = field(default_factory=dict)  # operand name -> elements read per tensor (``check_operands``)
     _host: torch.Tensor | None = None
 
     @property
@@ -226,15 +299,17 @@ class TileTable:
         return self.work
 
     @classmethod
-    def factored(cls, operands: dict, device: torch.device) -> "TileTable":
+    def factored(cls, operands: dict, device: torch.device, where=None) -> "TileTable":
         """Adafactor's map (both backends): params of rank >= 2 are batches of matrices over their last two dims
         (factored second moments), the others flat; DEFAULT_TILE tiles, which the native engines are compiled for."""
-        return cls.build(operands, device, matrix=[p.dim() >= 2 for p in operands["param"]])
+        return cls.build(operands, device, matrix=[p.dim() >= 2 for p in operands["param"]], where=where)
 
     @classmethod
-    def build(cls, operands: dict, device: torch.device, matrix, tile: tuple | None = None) -> "TileTable":
+    def build(cls, operands: dict, device: torch.device, matrix, tile: tuple | None = None,
+              where=None) -> "TileTable":
         """``operands``: name -> list of tensors (or ``None``s), one entry per tensor, the first list giving the
-        shapes. ``matrix``: one bool per tensor, True to view it as a batch of matrices over its last two dims."""
+        shapes. ``matrix``: one bool per tensor, True to view it as a batch of matrices over its last two dims.
+        ``where``: names tensor i in errors (:func:`check_operands`)."""
         tile_r, tile_c = tile or DEFAULT_TILE
         names = list(operands)
         lists = [operands[n] for n in names]
@@ -270,15 +345,13 @@ class TileTable:
                 batches_total += b
                 rowp_total += b * n * ct
                 colp_total += b * m * rt
-        # The kernels read and write these many elements of each operand's tensor: a factored state (COMPACT_OPERANDS)
-        # holds a statistic per row or per column of every matrix of a batch, the others one per param element.
-        # (None: not read, as the row statistics of a flat or zero-size param)
+        # A factored state (COMPACT_OPERANDS) holds a statistic per row or per column of every matrix of a batch
+        # (None: not read, as the row statistics of a flat or zero-size param).
         f = {name: k for k, name in enumerate(TILE_META_FIELDS)}
-        per = {"row": [r[f["batches"]] * r[f["rows"]] if r[f["matrix"]] else None for r in meta],
-               "col": [r[f["batches"]] * r[f["cols"]] if r[f["matrix"]] else None for r in meta],
-               None: [r[f["numel"]] for r in meta]}
-        for name, lst in zip(names[1:], lists[1:]):
-            _check_sizes(name, lst, per[COMPACT_OPERANDS.get(name)])
+        expect = _expect(names, [r[f["numel"]] for r in meta],
+                         {"row": [r[f["batches"]] * r[f["rows"]] if r[f["matrix"]] else None for r in meta],
+                          "col": [r[f["batches"]] * r[f["cols"]] if r[f["matrix"]] else None for r in meta]})
+        check_operands(operands, expect, device, where)
         for row in meta:  # columns and column partials follow all rows and row partials
             row[f["col_base"]] += rows_total
             row[f["col_part_base"]] += rowp_total
@@ -301,12 +374,7 @@ class TileTable:
         addrs = [torch.tensor([0 if x is None else x.data_ptr() for x in lst], **i64) for lst in lists]
         pieces = addrs + [torch.tensor(meta, **i64).reshape(-1), tile_tensor, stat_tensor, stat_seg, batch_seg,
                           tile_seg, torch.zeros(count, **i64)]
-        host = torch.cat(pieces)
-        if device.type == "cuda":
-            host = host.pin_memory()
-            dev = host.to(device, non_blocking=True)
-        else:
-            dev = host.to(device)
+        staging, dev = _upload(torch.cat(pieces), device)
         views, at = [], 0
         for piece in pieces:
             views.append(dev[at:at + piece.numel()])
@@ -334,5 +402,6 @@ class TileTable:
             col_multiple=math.gcd(col_multiple, tile_c),
             matrices=tuple(matrices),
             flats=tuple(flats),
-            _host=host if device.type == "cuda" else None,
+            expect=expect,
+            _host=staging,
         )

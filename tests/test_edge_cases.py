@@ -1,5 +1,7 @@
 """Edge cases of the fused backends: skipped params, 0-d/zero-size tensors, 1,000 tensors in one launch, several
 param groups, misaligned tensors, table caching, and errors raised before any state is touched."""
+import weakref
+
 import pytest
 import torch
 
@@ -139,38 +141,135 @@ def test_a_state_tensor_of_another_size_is_an_error(backend, rule, key):
     opt.state[p][key] = torch.zeros(2, device=DEVICE)
     before = {k: v.clone() for k, v in opt.state[p].items()}
     theta = p.detach().clone()
-    with pytest.raises(ValueError, match=f"optimizer state '{key}' of tensor 0 of a launch group has 2 elements"):
+    with pytest.raises(ValueError, match=f"optimizer state '{key}' of param 0 of param group 0 has 2 elements"):
         opt.step()
     assert torch.equal(p, theta) and all(torch.equal(opt.state[p][k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("rule", ["adamw", "lamb", "adafactor"])
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_a_step_keeps_no_grad_alive(backend, rule):
+    """After a step and ``zero_grad(set_to_none=True)`` the grads are freed at once, as with torch.optim, on the
+    full path and on planned steps. The step plan held the last step's grads: a second set of grads in memory
+    during the next backward, and new grads at new addresses, so a table rebuilt at every step."""
+    cls = {"adamw": fused_optim.FusedAdamW, "lamb": fused_optim.FusedLAMB, "adafactor": fused_optim.FusedAdafactor}
+    params = [torch.randn(s, device=DEVICE).requires_grad_() for s in ((4, 6), (5,))]
+    opt = cls[rule](params, backend=backend, **({"max_grad_norm": 1.0} if rule == "lamb" else {}))
+    for step in range(3):  # the full path, then planned steps
+        for p in params:
+            p.grad = torch.randn(p.shape, device=DEVICE)
+        grads = [weakref.ref(p.grad) for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(g() is None for g in grads), f"a grad of step {step} is alive"
+
+
+def _transposed(t):
+    """The same values in a column-major layout: a non-contiguous tensor."""
+    return t.t().contiguous().t()
+
+
+# (rule, what is changed, the change, the error): operands the kernels cannot take, after one step. "same address"
+# cases keep the tensor's address, so that the cached table and the step plan see the addresses they recorded.
+BAD_OPERANDS = {
+    "exp_avg bf16": ("adamw", "exp_avg", lambda t: t.to(torch.bfloat16), "has dtype torch.bfloat16, expected "
+                     "torch.float32"),
+    "step float64": ("adamw", "step", lambda t: t.to(torch.float64), "has dtype torch.float64"),
+    "exp_avg_sq transposed": ("lamb", "exp_avg_sq", _transposed, r"is not contiguous \(strides \(1, 4\)\)"),
+    "exp_avg as int32, same address": ("adamw", "exp_avg", lambda t: t.view(torch.int32), "has dtype torch.int32"),
+    "exp_avg resized, same address": ("lamb", "exp_avg", lambda t: t.resize_(5), "has 5 elements, expected 24"),
+    "row statistics resized, same address": ("adafactor", "exp_avg_sq_row", lambda t: t.resize_(2),
+                                             "has 2 elements, expected 4"),
+    "exp_avg strided, same address": ("adafactor", "exp_avg", lambda t: t.as_strided((4, 6), (1, 4)),
+                                      "is not contiguous"),
+    "grad sliced, same address": ("adamw", "grad", lambda t: t.view(-1)[:8], "has 8 elements, expected 24"),
+}
+
+
 @pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
+@pytest.mark.parametrize("case", BAD_OPERANDS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tables_are_cached_and_rebuilt_on_storage_change(backend, planned, monkeypatch):
-    """The table is reused while the storages are the same and rebuilt when they change: with the step plan, and
-    without it (the full path's own cache, which the plan would otherwise hide)."""
-    from fused_optim import tables
-    builds = []
-    real = tables.TensorTable.build.__func__
-    monkeypatch.setattr(tables.TensorTable, "build",
-                        classmethod(lambda cls, *a, **k: builds.append(1) or real(cls, *a, **k)))
-    ps = [torch.randn(n, device=DEVICE).requires_grad_() for n in (3, 4)]
-    opt = fused_optim.FusedAdamW(ps, backend=backend)
+def test_an_operand_the_kernels_cannot_take_is_an_error(backend, case, planned):
+    """State of another dtype, layout or size, and a grad of another size, are a clear error before anything is
+    written, on every fused backend, also at the address the table and the step plan recorded (the Triton kernels
+    read such state as fp32 of the param's size, silently wrong or out of bounds)."""
+    rule, key, change, message = BAD_OPERANDS[case]
+    cls = {"adamw": fused_optim.FusedAdamW, "lamb": fused_optim.FusedLAMB, "adafactor": fused_optim.FusedAdafactor}
+    p = torch.randn(4, 6, device=DEVICE).requires_grad_()
+    others = [torch.randn(3, device=DEVICE).requires_grad_() for _ in range(2)]
+    for t in [p, *others]:
+        t.grad = torch.randn(t.shape, device=DEVICE)
+    # p is param 1 of param group 1, in the same launch group as others[1]: the error names it
+    groups = [{"params": others[:1]}, {"params": [others[1], p]}]
+    opt = cls[rule](groups, backend=backend, **({"beta1": 0.9} if rule == "adafactor" else {}))
+    opt.step()
+    opt.step()  # the second step runs planned: the plan is recorded and used
     if not planned:
         opt._planned_buckets = lambda: None
-    grads = [torch.randn(p.shape, device=DEVICE) for p in ps]
-    for p, g in zip(ps, grads):
-        p.grad = g
-    opt.step()
-    opt.step()
-    assert len(builds) == 1, "same storages: the table is reused"
-    kept = [p.grad for p in ps]
+    old = p.grad if key == "grad" else opt.state[p][key]
+    new = change(old)
+    if key == "grad":
+        p.grad.data = new
+    else:
+        opt.state[p][key] = new
+    if "same address" in case:
+        assert new.data_ptr() == old.data_ptr()
+    before = [(t.detach().clone(), {k: v.clone() for k, v in opt.state[t].items()}) for t in [p, *others]]
+    what = "the grad" if key == "grad" else f"optimizer state '{key}'"
+    with pytest.raises(ValueError, match=f"{what} of param 1 of param group 1 {message}"):
+        opt.step()
+    for t, (theta, state) in zip([p, *others], before):  # nothing written, in any launch group
+        assert torch.equal(t, theta) and all(torch.equal(opt.state[t][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "unplanned"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tables_are_cached_readdressed_and_rebuilt(backend, planned, monkeypatch):
+    """The table is reused while the storages are the same; new storages of params of the same shapes (new grads
+    after zero_grad) get new address tables over the same block map (tables.readdress); params of new shapes get a
+    new table. With the step plan, and without it (the full path's own cache, which the plan would otherwise
+    hide). The steps after each change match the reference's: the table points at this step's tensors."""
+    from fused_optim import backends, tables
+    builds, moves = [], []
+    real_build, real_move = tables.TensorTable.build.__func__, backends.readdress
+    monkeypatch.setattr(tables.TensorTable, "build",
+                        classmethod(lambda cls, *a, **k: builds.append(1) or real_build(cls, *a, **k)))
+    monkeypatch.setattr(backends, "readdress", lambda *a, **k: moves.append(1) or real_move(*a, **k))
+    a, b = ([torch.randn(n, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(n)).requires_grad_()
+             for n in (6, 4)] for _ in range(2))
+    opt, ref = fused_optim.FusedAdamW(a, backend=backend), fused_optim.FusedAdamW(b, backend="reference")
+    if not planned:
+        opt._planned_buckets = lambda: None
+    grads = [torch.randn(p.shape, device=DEVICE) for p in a]
+    for pa, pb, g in zip(a, b, grads):
+        pa.grad, pb.grad = g, g.clone()
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    assert (len(builds), len(moves)) == (1, 0), "same storages: the table is reused"
+    table = next(iter(opt._tables.values()))
+    kept = [p.grad for p in a]
     opt.zero_grad(set_to_none=True)
-    for p in ps:
-        p.grad = torch.randn(p.shape, device=DEVICE)  # new storage (the old grads are still alive)
+    for pa, pb in zip(a, b):
+        pa.grad = torch.randn(pa.shape, device=DEVICE)  # new storage (the old grads are still alive)
+        pb.grad = pa.grad.clone()
     opt.step()
-    assert len(builds) == 2, "new grad storage: the table is rebuilt"
+    ref.step()
+    assert (len(builds), len(moves)) == (1, 1), "new grad storage: the table is readdressed"
+    moved = next(iter(opt._tables.values()))
+    assert moved is not table and moved.block_tensor is table.block_tensor, "the block map is kept"
+    assert moved.ptrs["grad"].tolist() == [p.grad.data_ptr() for p in a]
+    assert_same(a, b, opt, ref, 1e-3, 3)  # the readdressed table reads this step's grads
     del kept
+    for p in (a[0], b[0]):  # the same elements as another shape: a new map (here the same blocks, a new table)
+        p.data = p.data.view(2, 3)
+        p.grad = torch.ones(2, 3, device=DEVICE)
+    for t in (opt.state[a[0]], ref.state[b[0]]):
+        t["exp_avg"], t["exp_avg_sq"] = t["exp_avg"].view(2, 3), t["exp_avg_sq"].view(2, 3)
+    opt.step()
+    ref.step()
+    assert (len(builds), len(moves)) == (2, 1), "a param of a new shape: a new table"
+    assert_same(a, b, opt, ref, 1e-3, 4)
 
 
 def _errors():

@@ -546,7 +546,7 @@ def test_table_only_grad_norm_arguments_are_checked():
 
 def _match_cases():
     """(name, args of plan_match, expected result): one case per thing the check reads. Arguments: params, states,
-    names, present, param_dtype, grad_dtype, addresses, shapes (csrc/plan.cpp)."""
+    names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels (csrc/plan.cpp)."""
     from fused_optim.optimizer import _CHANGED, _MATCH, _MOVED
     f32, bf16 = torch.float32, torch.bfloat16
 
@@ -558,8 +558,9 @@ def _match_cases():
         states = [{"exp_avg": torch.zeros(2, 3), "max_exp_avg_sq": torch.zeros(2, 3)}, {"exp_avg": torch.zeros(4)}]
         addresses = array("q", [p.data_ptr() for p in ps] + [p.grad.data_ptr() for p in ps]
                           + [s["exp_avg"].data_ptr() for s in states] + [states[0]["max_exp_avg_sq"].data_ptr(), 0])
+        numels = array("q", [6, 4, 6, -1])  # -1: the second param has no max_exp_avg_sq
         return [ps, states, ["exp_avg", "max_exp_avg_sq"], [True, (True, False)], f32, f32, addresses,
-                [p.shape for p in ps]]
+                [p.shape for p in ps], f32, numels]
 
     def case(name, change, expected):
         args = bucket()
@@ -605,8 +606,19 @@ def _match_cases():
              _CHANGED),
         # the grad's storage kept (same address), its shape not: `grad.data = ...` or resize_() bypass autograd
         case("grad resized in place", lambda a: set_data(a[0][1].grad, a[0][1].grad.data[:2]), _CHANGED),
+        # a state tensor at its address of the table, but no longer what the kernels read there: a view of another
+        # dtype, a shrunk storage, a transposed layout, or the sizes the table expects changed
+        case("state of another dtype, same address", lambda a: put(a[1][0], "exp_avg", a[1][0]["exp_avg"].view(
+            torch.int32)), _CHANGED),
+        case("state resized in place", lambda a: a[1][1]["exp_avg"].resize_(2), _CHANGED),
+        case("non-contiguous state, same address", lambda a: put(a[1][0], "exp_avg", a[1][0]["exp_avg"].as_strided(
+            (2, 3), (1, 2))), _CHANGED),
+        case("state dtype expected", lambda a: put(a, 8, bf16), _CHANGED),
+        case("state size expected", lambda a: put(a[9], 2, 5), _CHANGED),
+        case("a size for a state a param lacks is not read", lambda a: put(a[9], 3, 7), _MATCH),
         case("a list of another length", lambda a: a[1].pop(), _CHANGED),
         case("too few addresses", lambda a: a[6].pop(), _CHANGED),
+        case("too few sizes", lambda a: a[9].pop(), _CHANGED),
         case("present of another length", lambda a: put(a[3], 1, (True,)), _CHANGED),
         case("names and present disagree", lambda a: a[3].pop(), _CHANGED),
     ]
@@ -630,13 +642,18 @@ def test_plan_checks_in_c_and_python_agree(plan_check):
 
 def test_plan_match_refuses_wrong_argument_types():
     match = fused_optim.native.load().plan_match  # the extension's (the Python check takes any sequences)
-    with pytest.raises(TypeError, match="takes 8 arguments"):
+    f32, q = torch.float32, array("q")
+    with pytest.raises(TypeError, match="takes 10 arguments"):
         match([], [])
     with pytest.raises(TypeError, match="param_dtype: torch.dtype"):
-        match([], [], [], [], "float32", torch.float32, array("q"), [])
+        match([], [], [], [], "float32", f32, q, [], f32, q)
+    with pytest.raises(TypeError, match="state_dtype: torch.dtype"):
+        match([], [], [], [], f32, f32, q, [], "float32", q)
     with pytest.raises(TypeError, match="names: list"):
-        match([], [], ("exp_avg",), [], torch.float32, torch.float32, array("q"), [])
-    for addresses in ([], array("i"), array("d")):  # int64s only, in one buffer
+        match([], [], ("exp_avg",), [], f32, f32, q, [], f32, q)
+    for bad in ([], array("i"), array("d")):  # int64s only, in one buffer
         with pytest.raises(TypeError, match=r"addresses: array\('q'\)"):
-            match([], [], [], [], torch.float32, torch.float32, addresses, [])
-    assert match([], [], [], [], torch.float32, torch.float32, array("q"), []) == (0, [])  # an empty bucket matches
+            match([], [], [], [], f32, f32, bad, [], f32, q)
+        with pytest.raises(TypeError, match=r"numels: array\('q'\)"):
+            match([], [], [], [], f32, f32, q, [], f32, bad)
+    assert match([], [], [], [], f32, f32, q, [], f32, q) == (0, [])  # an empty bucket matches
