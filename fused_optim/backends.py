@@ -288,7 +288,7 @@ def _table(bucket, launcher, tables) -> tuple:
         check_operands(operands, table.expect, where=where)
     elif table is not None and table.key[1] == key[1] and list(table.ptrs) == list(operands):
         # Only addresses moved (new grads after zero_grad(set_to_none=True)): new address tables, the same map.
-        table = tables[bucket.key] = readdress(table, operands, bucket.device, where)
+        table = tables[bucket.key] = readdress(table, operands, bucket.device, where, key)
     else:
         # A rule whose kernels need another map than the 1-D block map (Adafactor's 2-D tiles) brings its builder.
         table = getattr(launcher, "build_table", TensorTable.build)(operands, bucket.device, where=where)

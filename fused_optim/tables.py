@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_, is_not
 
 import torch
@@ -45,17 +45,26 @@ def storage_key(operands: dict) -> tuple:
     per tensor and operand, about 0.1 us each. Equal keys do not prove that the other operands kept their sizes and
     dtypes: :func:`check_operands` with the table's ``expect`` does, on reuse. Keys that differ in the addresses
     alone need no new map: :func:`readdress`."""
-    addresses = tuple(0 if t is None else t.data_ptr() for lst in operands.values() for t in lst)
-    return addresses, tuple(t.shape for t in next(iter(operands.values())))
+    addresses = tuple(chain.from_iterable(map(_addresses, operands.values())))
+    return addresses, tuple(map(_SHAPE, next(iter(operands.values()))))
 
 
-def readdress(table, operands: dict, device: torch.device, where=None):
+def _addresses(tensors: list) -> list:
+    """The tensors' addresses, 0 for None."""
+    try:
+        return list(map(torch.Tensor.data_ptr, tensors))  # C-level calls, when every entry is a tensor
+    except TypeError:  # a None among them (an absent operand)
+        return [0 if t is None else t.data_ptr() for t in tensors]
+
+
+def readdress(table, operands: dict, device: torch.device, where=None, key: tuple | None = None):
     """A copy of ``table`` (a TensorTable or TileTable) for ``operands``, whose params have the shapes ``table`` was
     built for (the same ``storage_key(operands)[1]``) and whose tensors moved (new grads after
     ``zero_grad(set_to_none=True)``, state loaded): new address tables, the same map, scratch buffers and
     counters (the old table is dropped). Checks the operands as a build does. Costs one small host-to-device copy
-    instead of cutting the map again (a TileTable of GPT-2's params took about 10 ms to build on the host)."""
-    key = storage_key(operands)
+    instead of cutting the map again (a TileTable of GPT-2's params took about 10 ms to build on the host).
+    ``key``: ``storage_key(operands)``, when the caller has it."""
+    key = key or storage_key(operands)
     if key[1] != table.key[1] or list(operands) != list(table.ptrs):
         raise ValueError("readdress needs operands of the table's names and param shapes; build a new table")
     check_operands(operands, table.expect, device, where)
@@ -82,7 +91,7 @@ COMPACT_OPERANDS = {"exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
 STATE_DTYPE = torch.float32
 NOT_STATE = ("param", "grad")
 _NUMEL, _CONTIGUOUS = torch.Tensor.numel, torch.Tensor.is_contiguous
-_DTYPE, _DEVICE = attrgetter("dtype"), attrgetter("device")
+_DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
 
 
 def check_operands(operands: dict, expect: dict, device: torch.device | None = None, where=None) -> None:
