@@ -176,27 +176,28 @@ class TensorTable:
         numels = [t.numel() for t in lists[0]]
         expect = _expect(names, numels)
         check_operands(operands, expect, device, where)
-        blocks_per = [max(1, -(-n // block)) for n in numels]
-        n_blocks = sum(blocks_per)
-        block_tensor, block_start, first_block = [], [], [0]
-        for i, nb in enumerate(blocks_per):
-            block_tensor.extend([i] * nb)
-            block_start.extend(range(0, nb * block, block))
-            first_block.append(first_block[-1] + nb)
+        # The block map, with tensor ops (a Python loop over GPT-2's 30,000 blocks took most of a build's 8 ms).
+        i64 = dict(dtype=torch.int64)
+        numels_h = torch.tensor(numels, **i64)
+        blocks_per = torch.clamp((numels_h + (block - 1)) // block, min=1)  # a zero-size tensor gets one empty block
+        first_block = torch.cat([torch.zeros(1, **i64), torch.cumsum(blocks_per, 0)])
+        n_blocks = int(first_block[-1])
+        block_tensor = torch.repeat_interleave(torch.arange(count, **i64), blocks_per)
+        block_start = (torch.arange(n_blocks, **i64) - first_block[block_tensor]) * block
 
         # One int64 host buffer, one host->device copy; the device tables are views into it.
-        pieces = [[0 if t is None else t.data_ptr() for t in lst] for lst in lists]
-        pieces += [numels, block_start, block_tensor, first_block, [0] * count]
-        flat = [v for piece in pieces for v in piece]
-        staging, dev = _upload(torch.tensor(flat, dtype=torch.int64), device)
-        views, at = [], 0
-        for piece in pieces:
-            views.append(dev[at:at + len(piece)])
-            at += len(piece)
+        key = storage_key(operands)
+        pieces = [torch.tensor(key[0], **i64), numels_h, block_start, block_tensor, first_block,
+                  torch.zeros(count, **i64)]
+        staging, dev = _upload(torch.cat(pieces), device)
+        views, at = [dev[k * count:(k + 1) * count] for k in range(len(names))], len(names) * count
+        for piece in pieces[1:]:
+            views.append(dev[at:at + piece.numel()])
+            at += piece.numel()
         ptrs = dict(zip(names, views[: len(names)]))
         numels_t, start_t, btensor_t, first_t, arrivals_t = views[len(names):]
         return cls(
-            key=storage_key(operands),
+            key=key,
             ptrs=ptrs,
             numels=numels_t,
             block_tensor=btensor_t.to(torch.int32),
@@ -206,7 +207,7 @@ class TensorTable:
             n_tensors=count,
             n_blocks=n_blocks,
             block=block,
-            aligned=all(v % 16 == 0 for piece in pieces[: len(names)] for v in piece),
+            aligned=all(a % 16 == 0 for a in key[0]),
             expect=expect,
             _host=staging,
         )
