@@ -164,6 +164,32 @@ def test_a_step_keeps_no_grad_alive(backend, rule):
         assert all(g() is None for g in grads), f"a grad of step {step} is alive"
 
 
+@pytest.mark.parametrize("block", [16, None], ids=["block16", "default"])
+def test_block_map(block):
+    """TensorTable's block map against its statement: each tensor cut into ``block``-element blocks in order (the
+    last one partial), a zero-size tensor given one empty block; ``first_block`` the running count; addresses and
+    sizes as the tensors have them; the arrival counters zero."""
+    from fused_optim.tables import DEFAULT_BLOCK, TensorTable
+    size = block or DEFAULT_BLOCK
+    numels = [0, 1, size - 1, size, size + 1, 3 * size, 0, 2 * size + 5]
+    params = [torch.zeros(n, device=DEVICE) for n in numels]
+    states = [torch.zeros(n, device=DEVICE) if i % 3 else None for i, n in enumerate(numels)]
+    table = TensorTable.build({"param": params, "exp_avg": states}, DEVICE, block)
+    want_tensor, want_start, want_first = [], [], [0]
+    for i, n in enumerate(numels):
+        starts = list(range(0, n, size)) or [0]
+        want_tensor += [i] * len(starts)
+        want_start += starts
+        want_first.append(len(want_tensor))
+    assert table.block_tensor.tolist() == want_tensor and table.block_tensor.dtype == torch.int32
+    assert table.block_start.tolist() == want_start and table.block_start.dtype == torch.int64
+    assert table.first_block.tolist() == want_first and table.first_block.dtype == torch.int32
+    assert (table.n_tensors, table.n_blocks, table.block) == (len(numels), len(want_tensor), size)
+    assert table.numels.tolist() == numels and table.arrivals.tolist() == [0] * len(numels)
+    assert table.ptrs["param"].tolist() == [p.data_ptr() for p in params]
+    assert table.ptrs["exp_avg"].tolist() == [0 if t is None else t.data_ptr() for t in states]
+
+
 def _transposed(t):
     """The same values in a column-major layout: a non-contiguous tensor."""
     return t.t().contiguous().t()
