@@ -1,8 +1,8 @@
 // fused_optim._C.plan_match: the per-tensor half of the optimizer's step-plan check (fused_optim/optimizer.py,
 // FusedOptimizer._planned_buckets), in C.
 //
-//   plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels)
-//     -> (result, grads)
+//   plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels,
+//              found) -> (result, grads)
 //
 // One bucket of n params: `params` (list of n tensors), `states` (list of their n state dicts), `names` (list of k
 // str: the state keys the launch reads, in table order), `present` (list of k: True when every param has that
@@ -11,15 +11,17 @@
 // state in `names` order; 0 for a state a param does not have) and `shapes` (the n params' torch.Size) as they were
 // when the table was built, `state_dtype` (torch.dtype: every state tensor's) and `numels` (an int64 buffer of
 // k * n entries in the order of the states' addresses: the elements the kernels read of each state tensor, -1 where
-// none are read or the param has no such state). Each param's grad is read here (Tensor.grad, in C++), each state
-// from its dict. Returns
+// none are read or the param has no such state), and `found`, a writable int64 buffer of the length of
+// `addresses`, into which the addresses read are written in the same order (what a MOVED bucket's new table
+// holds). Each param's grad is read here (Tensor.grad, in C++), each state from its dict. Returns
 //   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous) of dtype
 //                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`
 //                and the same shape,
 //                every state dict holds exactly the states `present` says and each is a strided contiguous tensor
 //                of dtype `state_dtype` and the size in `numels`, and every address is the one in `addresses`;
 //                `grads` is the list of the n grads;
-//   (1, grads)   MOVED: all of that except that some address differs: the plan holds, the table must be rebuilt;
+//   (1, grads)   MOVED: all of that except that some address differs: the plan holds, the table takes the addresses
+//                in `found` (tables.with_addresses);
 //   (2, None)    CHANGED: anything else (a missing grad, a sparse grad, a non-tensor, a state that appeared or went,
 //                a tensor without storage, another dtype, shape, size, layout or length): the step takes the full
 //                path, which names the problem. A state tensor's size and dtype are read although its address is
@@ -83,18 +85,35 @@ class Int64s {
   Py_ssize_t at_ = 0;
 };
 
+// Walks the expected addresses and the buffer of those found, in table order.
+class AddressWalk {
+ public:
+  AddressWalk(const int64_t* expected, int64_t* found) : expected_(expected), found_(found) {}
+  // Records `address`; true when it is the expected one.
+  bool next(int64_t address) {
+    found_[at_] = address;
+    return expected_[at_++] == address;
+  }
+
+ private:
+  const int64_t* expected_;
+  int64_t* found_;
+  Py_ssize_t at_ = 0;
+};
+
 // kMatch, kMoved or kChanged, with the grads appended to `grads` (a new list of n) unless kChanged; throws only for
 // a C++ error in a tensor's accessors (the caller maps it to kChanged).
 long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject* present, at::ScalarType param_dtype,
                   at::ScalarType grad_dtype, const Py_buffer& addresses, PyObject* shapes, at::ScalarType state_dtype,
-                  const Py_buffer& numels, PyObject* grads) {
+                  const Py_buffer& numels, const Py_buffer& found, PyObject* grads) {
   const Py_ssize_t n = PyList_GET_SIZE(shapes), k = PyList_GET_SIZE(names);
   constexpr auto word = static_cast<Py_ssize_t>(sizeof(int64_t));
   if (PyList_GET_SIZE(params) != n || PyList_GET_SIZE(states) != n || PyList_GET_SIZE(present) != k ||
-      addresses.len != (2 + k) * n * word || numels.len != k * n * word)
+      addresses.len != (2 + k) * n * word || numels.len != k * n * word || found.len != addresses.len)
     return kChanged;
   bool moved = false;
-  Int64s expected(static_cast<const int64_t*>(addresses.buf)), sizes(static_cast<const int64_t*>(numels.buf));
+  AddressWalk expected(static_cast<const int64_t*>(addresses.buf), static_cast<int64_t*>(found.buf));
+  Int64s sizes(static_cast<const int64_t*>(numels.buf));
   // The params, then their grads (two walks over the list, to keep the table's order).
   for (int pass = 0; pass < 2; ++pass) {
     for (Py_ssize_t i = 0; i < n; ++i) {
@@ -120,7 +139,7 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
         }
         PyList_SET_ITEM(grads, i, wrapped);  // steals the reference
       }
-      moved = expected.next() != address || moved;
+      moved = !expected.next(address) || moved;
     }
   }
   // The states, name by name.
@@ -153,7 +172,7 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
             (size >= 0 && t.numel() != size))
           return kChanged;
       }
-      moved = expected.next() != address || moved;
+      moved = !expected.next(address) || moved;
     }
   }
   return moved ? kMoved : kMatch;
@@ -162,9 +181,9 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
 // A buffer of int64 (array.array('q')), read in place rather than one Python int at a time; released on scope exit.
 class Int64Buffer {
  public:
-  // False (with no Python error set) when `obj` is not a C-contiguous buffer of int64.
-  bool get(PyObject* obj) {
-    if (PyObject_GetBuffer(obj, &view_, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) != 0) {
+  // False (with no Python error set) when `obj` is not a C-contiguous (and, if asked, writable) buffer of int64.
+  bool get(PyObject* obj, bool writable = false) {
+    if (PyObject_GetBuffer(obj, &view_, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) != 0) {
       PyErr_Clear();
       return false;
     }
@@ -186,16 +205,16 @@ class Int64Buffer {
 PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   static const char* usage = "plan_match(params: list, states: list, names: list, present: list, param_dtype: "
                              "torch.dtype, grad_dtype: torch.dtype, addresses: array('q'), shapes: list, "
-                             "state_dtype: torch.dtype, numels: array('q'))";
-  if (nargs != 10) {
-    PyErr_Format(PyExc_TypeError, "%s takes 10 arguments, got %zd", usage, nargs);
+                             "state_dtype: torch.dtype, numels: array('q'), found: array('q'), writable)";
+  if (nargs != 11) {
+    PyErr_Format(PyExc_TypeError, "%s takes 11 arguments, got %zd", usage, nargs);
     return nullptr;
   }
   PyObject *params = args[0], *states = args[1], *names = args[2], *present = args[3], *shapes = args[7];
-  Int64Buffer addresses, numels;
+  Int64Buffer addresses, numels, found;
   if (!PyList_Check(params) || !PyList_Check(states) || !PyList_Check(names) || !PyList_Check(present) ||
       !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(shapes) || !THPDtype_Check(args[8]) ||
-      !addresses.get(args[6]) || !numels.get(args[9])) {
+      !addresses.get(args[6]) || !numels.get(args[9]) || !found.get(args[10], /*writable=*/true)) {
     PyErr_SetString(PyExc_TypeError, usage);
     return nullptr;
   }
@@ -205,7 +224,7 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   try {
     const auto dtype = [&](int at) { return reinterpret_cast<THPDtype*>(args[at])->scalar_type; };
     result = bucket_match(params, states, names, present, dtype(4), dtype(5), addresses.view(), shapes, dtype(8),
-                          numels.view(), grads);
+                          numels.view(), found.view(), grads);
   } catch (const std::exception&) {
     result = kChanged;  // e.g. a tensor whose data_ptr() throws: the full path decides
   }
@@ -220,9 +239,9 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
 
 PyMethodDef plan_methods[] = {
     {"plan_match", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_match)), METH_FASTCALL,
-     "plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels) -> "
-     "(0, grads) (match), (1, grads) (moved: addresses differ) or (2, None) (changed): the step plan's per-tensor "
-     "check (csrc/plan.cpp)."},
+     "plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, "
+     "found) -> (0, grads) (match), (1, grads) (moved: addresses differ, the new ones in found) or (2, None) "
+     "(changed): the step plan's per-tensor check (csrc/plan.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace fused_optim

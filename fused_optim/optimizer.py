@@ -31,6 +31,7 @@ from torch.autograd.graph import increment_version
 from torch.nn import Parameter
 
 from . import backends, native
+from . import tables
 from .tables import STATE_DTYPE
 
 
@@ -72,17 +73,18 @@ def _address_or_0(t) -> int:
 
 
 def _plan_match_py(params: list, states: list, names: list, present: list, param_dtype, grad_dtype,
-                   addresses: array, shapes: list, state_dtype, numels: array) -> tuple:
+                   addresses: array, shapes: list, state_dtype, numels: array, found: array) -> tuple:
     """The step plan's per-tensor check of one bucket; ``plan_match`` of the native extension (csrc/plan.cpp, whose
     comment says what each argument is) is the same check in C, used when the extension is there;
     tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
     the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
-    ``addresses``: rebuild the table) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or
+    ``addresses``: the new ones are written into ``found``) or ``(_CHANGED, None)`` (a missing or sparse grad, a
+    state that appeared or
     went, another dtype, shape or contiguity, of a param or of its grad, a state tensor of another dtype, size
     (``numels``, -1: any) or layout, anything unexpected: take the full path)."""
     n = len(shapes)
     if (len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n
-            or len(numels) != len(names) * n):
+            or len(numels) != len(names) * n or len(found) != len(addresses)):
         return _CHANGED, None
     try:
         # Only plain tensors: a subclass could give ``.grad`` another meaning (the C check reads it in C++).
@@ -96,7 +98,7 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                 and all(map(_CONTIGUOUS, params)) and all(map(_CONTIGUOUS, grads))
                 and list(map(_SHAPE, params)) == shapes and list(map(_SHAPE, grads)) == shapes):
             return _CHANGED, None
-        found = list(map(_PTR, params)) + list(map(_PTR, grads))
+        seen = list(map(_PTR, params)) + list(map(_PTR, grads))
         for j, (name, has) in enumerate(zip(names, present)):
             values = list(map(dict.get, states, repeat(name)))  # a state that is not a dict raises
             if tuple(map(is_not, values, repeat(None))) != (has if has is not True else (True,) * n):
@@ -106,10 +108,11 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                                      and want in (-1, v.numel()))
                        for v, want in zip(values, numels[j * n:(j + 1) * n])):
                 return _CHANGED, None
-            found.extend(map(_address_or_0, values))
+            seen.extend(map(_address_or_0, values))
     except Exception:  # a non-tensor, a tensor without storage
         return _CHANGED, None
-    return (_MATCH if array("q", found) == addresses else _MOVED), grads
+    found[:] = array("q", seen)
+    return (_MATCH if found == addresses else _MOVED), grads
 
 
 def _all_on(device: torch.device, params: list, grads: list, states: list, names: list) -> bool:
@@ -162,6 +165,7 @@ class _BucketPlan:
     addresses: array  # int64: the table's addresses in table order, less those of the operands no param has
     numels: array  # int64: the elements the table's kernels read of each state tensor of state_names (-1: none)
     table: object  # the cached table those addresses are the key of
+    found: array = None  # int64: the addresses of this step, as ``addresses`` (written by plan_match)
 
     def use(self, table) -> None:
         """Take ``table`` (a TensorTable or TileTable of this bucket), its addresses and its state sizes."""
@@ -172,6 +176,21 @@ class _BucketPlan:
                                      for a in table.key[0][k * n:(k + 1) * n]])
         self.numels = array("q", [-1 if want is None else want for name in self.state_names
                                   for want in table.expect[name]])
+        self.found = array("q", self.addresses)
+
+    def moved_table(self, device: torch.device):
+        """The table with this step's addresses (``found``, read by plan_match, which checked those tensors):
+        zeros for the operands no param has, the rest in table order."""
+        n = len(self.params)
+        read = {"param", "grad", *self.state_names}
+        addresses, k = [], 0
+        for name in self.names:
+            if name in read:
+                addresses.extend(self.found[k * n:(k + 1) * n])
+                k += 1
+            else:
+                addresses.extend([0] * n)
+        return tables.with_addresses(self.table, (tuple(addresses), tuple(self.shapes)), device)
 
 
 @dataclass
@@ -415,8 +434,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # dtype, shape, contiguity and addresses, the grads' dtype, shape, contiguity and addresses, which state tensors
     # each param has, their addresses, dtypes, contiguity and sizes. Anything different (or raising, e.g. a sparse
     # grad) and the step takes the full path above, which checks and raises as before and records a new plan. New
-    # grad objects at new addresses keep the plan and only rebuild the table, once every tensor is seen to be on
-    # the bucket's device still.
+    # grad objects at new addresses keep the plan: once every tensor is seen to be on the bucket's device still, the
+    # table takes the addresses plan_match read (tables.with_addresses: new address tables, the same map).
     # Sharded (DTensor) and reference buckets always take the full path.
     # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam, LAMB and
     # Adafactor operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native,
@@ -483,7 +502,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         planned_state, changes = self._plan_state
         look_up = not (state is planned_state and type(state) is _State and state._changes == changes)
         try:
-            buckets = []
+            buckets, moved = [], []
             for group, gp in zip(self.param_groups, plan):
                 params = group["params"]
                 if (group is not gp.group or len(params) != len(gp.params) or not all(map(is_, params, gp.params))
@@ -495,14 +514,18 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if look_up and not all(map(is_, map(state.__getitem__, bp.params), b.states)):
                         return None
                     found, grads = match(bp.params, b.states, bp.state_names, bp.state_present, b.param_dtype,
-                                         b.grad_dtype, bp.addresses, bp.shapes, STATE_DTYPE, bp.numels)
+                                         b.grad_dtype, bp.addresses, bp.shapes, STATE_DTYPE, bp.numels, bp.found)
                     if found == _CHANGED or (found == _MOVED and not _all_on(b.device, bp.params, grads, b.states,
                                                                               bp.state_names)):
                         return None
-                    buckets.append((b, grads, bp.table if found == _MATCH else None))
+                    buckets.append((b, grads, bp))
+                    moved.append(found == _MOVED)
         except Exception:  # anything unexpected (a deleted state dict): the full path decides
             return None
-        for b, grads, table in buckets:
+        for (b, grads, bp), move in zip(buckets, moved):
+            table = bp.table
+            if move:  # new addresses, every tensor checked above: the same map, new address tables
+                table = self._tables[b.key] = bp.moved_table(b.device)
             b.grads, b.checked_table = grads, table
         return [b for b, *_ in buckets]
 

@@ -65,12 +65,21 @@ def readdress(table, operands: dict, device: torch.device, where=None, key: tupl
     instead of cutting the map again (a TileTable of GPT-2's params takes about 5 ms to build on the host).
     ``key``: ``storage_key(operands)``, when the caller has it."""
     key = key or storage_key(operands)
-    if key[1] != table.key[1] or list(operands) != list(table.ptrs):
-        raise ValueError("readdress needs operands of the table's names and param shapes; build a new table")
+    if list(operands) != list(table.ptrs):
+        raise ValueError("readdress needs operands of the table's names; build a new table")
     check_operands(operands, table.expect, device, where)
+    return with_addresses(table, key, device)
+
+
+def with_addresses(table, key: tuple, device: torch.device):
+    """:func:`readdress` for a caller that has checked the tensors itself (the step plan, csrc/plan.cpp): ``key`` is
+    their ``storage_key``, the addresses in the table's operand order."""
+    if key[1] != table.key[1] or len(key[0]) != len(table.ptrs) * table.n_tensors:
+        raise ValueError("new addresses need the table's param shapes and one address per operand and tensor; "
+                         "build a new table")
     host, dev = _upload(torch.tensor(key[0], dtype=torch.int64), device)
     n = table.n_tensors
-    return dataclasses.replace(table, key=key, ptrs={name: dev[k * n:(k + 1) * n] for k, name in enumerate(operands)},
+    return dataclasses.replace(table, key=key, ptrs={name: dev[k * n:(k + 1) * n] for k, name in enumerate(table.ptrs)},
                                aligned=all(a % 16 == 0 for a in key[0]), _host=host)
 
 

@@ -252,15 +252,16 @@ def test_an_operand_the_kernels_cannot_take_is_an_error(backend, case, planned):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tables_are_cached_readdressed_and_rebuilt(backend, planned, monkeypatch):
     """The table is reused while the storages are the same; new storages of params of the same shapes (new grads
-    after zero_grad) get new address tables over the same block map (tables.readdress); params of new shapes get a
-    new table. With the step plan, and without it (the full path's own cache, which the plan would otherwise
+    after zero_grad) get new address tables over the same block map (tables.with_addresses, from readdress on the
+    full path and from the step plan); params of new shapes get a new table. With the step plan, and without it (the full path's own cache, which the plan would otherwise
     hide). The steps after each change match the reference's: the table points at this step's tensors."""
-    from fused_optim import backends, tables
+    from fused_optim import tables
     builds, moves = [], []
-    real_build, real_move = tables.TensorTable.build.__func__, backends.readdress
+    real_build, real_move = tables.TensorTable.build.__func__, tables.with_addresses
     monkeypatch.setattr(tables.TensorTable, "build",
                         classmethod(lambda cls, *a, **k: builds.append(1) or real_build(cls, *a, **k)))
-    monkeypatch.setattr(backends, "readdress", lambda *a, **k: moves.append(1) or real_move(*a, **k))
+    # every readdress (the full path's readdress, the step plan's moved_table) ends in with_addresses
+    monkeypatch.setattr(tables, "with_addresses", lambda *a, **k: moves.append(1) or real_move(*a, **k))
     a, b = ([torch.randn(n, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(n)).requires_grad_()
              for n in (6, 4)] for _ in range(2))
     opt, ref = fused_optim.FusedAdamW(a, backend=backend), fused_optim.FusedAdamW(b, backend="reference")

@@ -358,9 +358,9 @@ def test_load_state_dict_drops_the_plan():
 @pytest.mark.parametrize("rule", sorted(FACTORIES))
 def test_planned_native_launches_pass_no_tensor_lists(rule):
     """A planned step hands the native operators their tables alone (csrc/ops_common.h, TablesOnly; Adafactor's
-    passes: csrc/adafactor_ops.h); the full path and a step whose table was rebuilt pass the lists, which the
-    operators check. (That both give the bits of the full path is what the twin tests above check: their planned
-    steps are table-only launches.)"""
+    passes: csrc/adafactor_ops.h), also a step whose tensors moved, with the addresses the plan's check read
+    (tables.with_addresses); the full path passes the lists, which the operators check. (That both give the bits
+    of the full path is what the twin tests above check: their planned steps are table-only launches.)"""
     from fused_optim import native
 
     ops = torch.ops.fused_optim
@@ -379,11 +379,12 @@ def test_planned_native_launches_pass_no_tensor_lists(rule):
             seen[-1].append((str(fn), len(args[0])))
         launch(fn, *args)
 
-    def move_grads(opt, params):  # new addresses: the table is rebuilt, the lists are passed once
+    def move_grads(opt, params):  # new addresses: the table takes them, no lists are passed
         keep = [p.grad for p in params]
         for p in params:
             p.grad = p.grad.clone()
         seen.append(keep)
+        return next(iter(opt._tables.values()))
 
     native._launch = spy
     try:
@@ -395,15 +396,18 @@ def test_planned_native_launches_pass_no_tensor_lists(rule):
             for p in params:  # new values at the same addresses (new grad objects may land elsewhere)
                 p.grad.copy_(torch.randn(p.shape, generator=gen))
             if step == 3:
-                move_grads(opt, params)
+                before = move_grads(opt, params)
             seen.append([])
             opt.step()
             lengths.append(sorted(set(seen[-1])))
+            if step == 3:
+                table = next(iter(opt._tables.values()))
+                assert table is not before and table.ptrs["grad"].tolist() == [p.grad.data_ptr() for p in params]
     finally:
         native._launch = launch
     with_lists = sorted((str(op), k) for op, k in full.items())
     table_only = sorted((str(op), 0) for op in full)
-    assert lengths == [with_lists, table_only, table_only, with_lists, table_only]
+    assert lengths == [with_lists, table_only, table_only, table_only, table_only]
 
 
 @pytest.mark.parametrize("rule", sorted(FACTORIES))
@@ -546,7 +550,7 @@ def test_table_only_grad_norm_arguments_are_checked():
 
 def _match_cases():
     """(name, args of plan_match, expected result): one case per thing the check reads. Arguments: params, states,
-    names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels (csrc/plan.cpp)."""
+    names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, found (csrc/plan.cpp)."""
     from fused_optim.optimizer import _CHANGED, _MATCH, _MOVED
     f32, bf16 = torch.float32, torch.bfloat16
 
@@ -560,7 +564,7 @@ def _match_cases():
                           + [s["exp_avg"].data_ptr() for s in states] + [states[0]["max_exp_avg_sq"].data_ptr(), 0])
         numels = array("q", [6, 4, 6, -1])  # -1: the second param has no max_exp_avg_sq
         return [ps, states, ["exp_avg", "max_exp_avg_sq"], [True, (True, False)], f32, f32, addresses,
-                [p.shape for p in ps], f32, numels]
+                [p.shape for p in ps], f32, numels, array("q", [-1] * len(addresses))]
 
     def case(name, change, expected):
         args = bucket()
@@ -619,6 +623,7 @@ def _match_cases():
         case("a list of another length", lambda a: a[1].pop(), _CHANGED),
         case("too few addresses", lambda a: a[6].pop(), _CHANGED),
         case("too few sizes", lambda a: a[9].pop(), _CHANGED),
+        case("a found buffer of another length", lambda a: a[10].pop(), _CHANGED),
         case("present of another length", lambda a: put(a[3], 1, (True,)), _CHANGED),
         case("names and present disagree", lambda a: a[3].pop(), _CHANGED),
     ]
@@ -634,6 +639,11 @@ def test_plan_checks_in_c_and_python_agree(plan_check):
     for name, args, result in _match_cases():
         found[name] = match(*args)
         expected[name] = (result, None) if result == _CHANGED else (result, [p.grad for p in args[0]])
+        if result != _CHANGED:  # the addresses read, in table order: what a MOVED bucket's table takes
+            params, states = args[0], args[1]
+            seen = [p.data_ptr() for p in params] + [p.grad.data_ptr() for p in params]
+            seen += [s[k].data_ptr() if s.get(k) is not None else 0 for k in args[2] for s in states]
+            assert args[10].tolist() == seen, name
     for name in found:  # grads by identity: the check hands back the very grad objects
         got, want = found[name], expected[name]
         assert got[0] == want[0], name
@@ -643,17 +653,21 @@ def test_plan_checks_in_c_and_python_agree(plan_check):
 def test_plan_match_refuses_wrong_argument_types():
     match = fused_optim.native.load().plan_match  # the extension's (the Python check takes any sequences)
     f32, q = torch.float32, array("q")
-    with pytest.raises(TypeError, match="takes 10 arguments"):
+    with pytest.raises(TypeError, match="takes 11 arguments"):
         match([], [])
     with pytest.raises(TypeError, match="param_dtype: torch.dtype"):
-        match([], [], [], [], "float32", f32, q, [], f32, q)
+        match([], [], [], [], "float32", f32, q, [], f32, q, q)
     with pytest.raises(TypeError, match="state_dtype: torch.dtype"):
-        match([], [], [], [], f32, f32, q, [], "float32", q)
+        match([], [], [], [], f32, f32, q, [], "float32", q, q)
     with pytest.raises(TypeError, match="names: list"):
-        match([], [], ("exp_avg",), [], f32, f32, q, [], f32, q)
+        match([], [], ("exp_avg",), [], f32, f32, q, [], f32, q, q)
     for bad in ([], array("i"), array("d")):  # int64s only, in one buffer
         with pytest.raises(TypeError, match=r"addresses: array\('q'\)"):
-            match([], [], [], [], f32, f32, bad, [], f32, q)
+            match([], [], [], [], f32, f32, bad, [], f32, q, q)
         with pytest.raises(TypeError, match=r"numels: array\('q'\)"):
-            match([], [], [], [], f32, f32, q, [], f32, bad)
-    assert match([], [], [], [], f32, f32, q, [], f32, q) == (0, [])  # an empty bucket matches
+            match([], [], [], [], f32, f32, q, [], f32, bad, q)
+        with pytest.raises(TypeError, match=r"found: array\('q'\), writable"):
+            match([], [], [], [], f32, f32, q, [], f32, q, bad)
+    with pytest.raises(TypeError, match=r"found: array\('q'\), writable"):  # a read-only buffer
+        match([], [], [], [], f32, f32, q, [], f32, q, memoryview(array("q")).toreadonly())
+    assert match([], [], [], [], f32, f32, q, [], f32, q, q) == (0, [])  # an empty bucket matches
