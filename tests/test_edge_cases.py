@@ -253,8 +253,9 @@ def test_an_operand_the_kernels_cannot_take_is_an_error(backend, case, planned):
 def test_tables_are_cached_readdressed_and_rebuilt(backend, planned, monkeypatch):
     """The table is reused while the storages are the same; new storages of params of the same shapes (new grads
     after zero_grad) get new address tables over the same block map (tables.with_addresses, from readdress on the
-    full path and from the step plan); params of new shapes get a new table. With the step plan, and without it (the full path's own cache, which the plan would otherwise
-    hide). The steps after each change match the reference's: the table points at this step's tensors."""
+    full path and from the step plan); params of new shapes get a new table. With the step plan, and without it (the
+    full path's own cache, which the plan would otherwise hide). The steps after each change match the reference's:
+    the table points at this step's tensors."""
     from fused_optim import tables
     builds, moves = [], []
     real_build, real_move = tables.TensorTable.build.__func__, tables.with_addresses
