@@ -78,10 +78,9 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
     comment says what each argument is) is the same check in C, used when the extension is there;
     tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
     the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
-    ``addresses``: the new ones are written into ``found``) or ``(_CHANGED, None)`` (a missing or sparse grad, a
-    state that appeared or
-    went, another dtype, shape or contiguity, of a param or of its grad, a state tensor of another dtype, size
-    (``numels``, -1: any) or layout, anything unexpected: take the full path)."""
+    ``addresses``) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or went, another dtype,
+    shape or contiguity, of a param or of its grad, a state tensor of another dtype, size (``numels``, -1: any) or
+    layout, anything unexpected: take the full path). The addresses read are written into ``found``."""
     n = len(shapes)
     if (len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n
             or len(numels) != len(names) * n or len(found) != len(addresses)):
