@@ -156,16 +156,16 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
         PyErr_Clear();
         return kChanged;
       }
-      const bool found = value != nullptr && value != Py_None;
+      const bool in_dict = value != nullptr && value != Py_None;
       int wanted = everyone ? 1 : PyObject_IsTrue(PyTuple_GET_ITEM(has, i));
       if (wanted < 0) {
         PyErr_Clear();
         return kChanged;
       }
-      if (found != static_cast<bool>(wanted)) return kChanged;  // a state appeared or went: lazy init decides
+      if (in_dict != static_cast<bool>(wanted)) return kChanged;  // a state appeared or went: lazy init decides
       int64_t address = 0;
       const int64_t size = sizes.next();
-      if (found) {
+      if (in_dict) {
         if (!THPVariable_Check(value)) return kChanged;
         const at::Tensor& t = THPVariable_Unpack(value);
         if (!strided_address(t, &address) || t.scalar_type() != state_dtype || !t.is_contiguous() ||
