@@ -2,7 +2,7 @@
 // FusedOptimizer._planned_buckets), in C.
 //
 //   plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels,
-//              found) -> (result, grads)
+//              found, device) -> (result, grads)
 //
 // One bucket of n params: `params` (list of n tensors), `states` (list of their n state dicts), `names` (list of k
 // str: the state keys the launch reads, in table order), `present` (list of k: True when every param has that
@@ -13,17 +13,19 @@
 // k * n entries in the order of the states' addresses: the elements the kernels read of each state tensor, -1 where
 // none are read or the param has no such state), and `found`, a writable int64 buffer of the length of
 // `addresses`, into which the addresses read are written in the same order (what a MOVED bucket's new table
-// holds). Each param's grad is read here (Tensor.grad, in C++), each state from its dict. Returns
+// holds), and `device` (torch.device: the bucket's, which every tensor read must be on). Each param's grad is read here (Tensor.grad, in C++), each state from its dict. Returns
 //   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous) of dtype
 //                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`
 //                and the same shape,
 //                every state dict holds exactly the states `present` says and each is a strided contiguous tensor
-//                of dtype `state_dtype` and the size in `numels`, and every address is the one in `addresses`;
+//                of dtype `state_dtype` and the size in `numels`, every one of these tensors is on `device`, and
+//                every address is the one in `addresses`;
 //                `grads` is the list of the n grads;
 //   (1, grads)   MOVED: all of that except that some address differs: the plan holds, the table takes the addresses
 //                in `found` (tables.with_addresses);
 //   (2, None)    CHANGED: anything else (a missing grad, a sparse grad, a non-tensor, a state that appeared or went,
-//                a tensor without storage, another dtype, shape, size, layout or length): the step takes the full
+//                a tensor without storage, another dtype, shape, size, layout, device or length; a tensor moved to
+//                another device has a new address too, and a table must not take it): the step takes the full
 //                path, which names the problem. A state tensor's size and dtype are read although its address is
 //                unchanged: a tensor at the address of a freed one, a view of another dtype or resize_() keep it.
 // Wrong argument types raise TypeError.
@@ -36,6 +38,7 @@
 
 #include <cstring>
 
+#include <torch/csrc/Device.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -66,10 +69,10 @@ bool same_shape(const at::Tensor& t, PyObject* shape) {
   return true;
 }
 
-// The address of a tensor the kernels read through the table, or false when it cannot be one (not strided, or
-// without storage).
-bool strided_address(const at::Tensor& t, int64_t* out) {
-  if (!t.defined() || t.layout() != at::kStrided || !t.has_storage()) return false;
+// The address of a tensor the kernels read through the table, or false when it cannot be one (not strided, without
+// storage, or not on the bucket's `device`).
+bool strided_address(const at::Tensor& t, const at::Device& device, int64_t* out) {
+  if (!t.defined() || t.layout() != at::kStrided || !t.has_storage() || t.device() != device) return false;
   *out = static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
   return true;
 }
@@ -105,7 +108,7 @@ class AddressWalk {
 // a C++ error in a tensor's accessors (the caller maps it to kChanged).
 long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject* present, at::ScalarType param_dtype,
                   at::ScalarType grad_dtype, const Py_buffer& addresses, PyObject* shapes, at::ScalarType state_dtype,
-                  const Py_buffer& numels, const Py_buffer& found, PyObject* grads) {
+                  const Py_buffer& numels, const Py_buffer& found, const at::Device& device, PyObject* grads) {
   const Py_ssize_t n = PyList_GET_SIZE(shapes), k = PyList_GET_SIZE(names);
   constexpr auto word = static_cast<Py_ssize_t>(sizeof(int64_t));
   if (PyList_GET_SIZE(params) != n || PyList_GET_SIZE(states) != n || PyList_GET_SIZE(present) != k ||
@@ -123,13 +126,13 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
       const at::Tensor& p = THPVariable_Unpack(obj);
       int64_t address = 0;
       if (pass == 0) {
-        if (!strided_address(p, &address) || p.scalar_type() != param_dtype || !p.is_contiguous() ||
+        if (!strided_address(p, device, &address) || p.scalar_type() != param_dtype || !p.is_contiguous() ||
             !same_shape(p, PyList_GET_ITEM(shapes, i)))
           return kChanged;
       } else {
         const at::Tensor& g = p.grad();
         // The grad's shape too: autograd keeps it equal to the param's, but `grad.data = ...` and resize_() do not.
-        if (!strided_address(g, &address) || g.scalar_type() != grad_dtype || !g.is_contiguous() ||
+        if (!strided_address(g, device, &address) || g.scalar_type() != grad_dtype || !g.is_contiguous() ||
             g.sizes() != p.sizes())
           return kChanged;
         PyObject* wrapped = THPVariable_Wrap(g);  // the grad's Python object (new reference)
@@ -168,7 +171,7 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
       if (in_dict) {
         if (!THPVariable_Check(value)) return kChanged;
         const at::Tensor& t = THPVariable_Unpack(value);
-        if (!strided_address(t, &address) || t.scalar_type() != state_dtype || !t.is_contiguous() ||
+        if (!strided_address(t, device, &address) || t.scalar_type() != state_dtype || !t.is_contiguous() ||
             (size >= 0 && t.numel() != size))
           return kChanged;
       }
@@ -205,16 +208,18 @@ class Int64Buffer {
 PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   static const char* usage = "plan_match(params: list, states: list, names: list, present: list, param_dtype: "
                              "torch.dtype, grad_dtype: torch.dtype, addresses: array('q'), shapes: list, "
-                             "state_dtype: torch.dtype, numels: array('q'), found: array('q'), writable)";
-  if (nargs != 11) {
-    PyErr_Format(PyExc_TypeError, "%s takes 11 arguments, got %zd", usage, nargs);
+                             "state_dtype: torch.dtype, numels: array('q'), found: array('q'), writable, "
+                             "device: torch.device)";
+  if (nargs != 12) {
+    PyErr_Format(PyExc_TypeError, "%s takes 12 arguments, got %zd", usage, nargs);
     return nullptr;
   }
   PyObject *params = args[0], *states = args[1], *names = args[2], *present = args[3], *shapes = args[7];
   Int64Buffer addresses, numels, found;
   if (!PyList_Check(params) || !PyList_Check(states) || !PyList_Check(names) || !PyList_Check(present) ||
       !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(shapes) || !THPDtype_Check(args[8]) ||
-      !addresses.get(args[6]) || !numels.get(args[9]) || !found.get(args[10], /*writable=*/true)) {
+      !addresses.get(args[6]) || !numels.get(args[9]) || !found.get(args[10], /*writable=*/true) ||
+      !THPDevice_Check(args[11])) {
     PyErr_SetString(PyExc_TypeError, usage);
     return nullptr;
   }
@@ -224,7 +229,7 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   try {
     const auto dtype = [&](int at) { return reinterpret_cast<THPDtype*>(args[at])->scalar_type; };
     result = bucket_match(params, states, names, present, dtype(4), dtype(5), addresses.view(), shapes, dtype(8),
-                          numels.view(), found.view(), grads);
+                          numels.view(), found.view(), reinterpret_cast<THPDevice*>(args[11])->device, grads);
   } catch (const std::exception&) {
     result = kChanged;  // e.g. a tensor whose data_ptr() throws: the full path decides
   }
@@ -240,7 +245,7 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
 PyMethodDef plan_methods[] = {
     {"plan_match", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_match)), METH_FASTCALL,
      "plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, "
-     "found) -> (0, grads) (match), (1, grads) (moved: addresses differ, the new ones in found) or (2, None) "
+     "found, device) -> (0, grads) (match), (1, grads) (moved: addresses differ, the new ones in found) or (2, None) "
      "(changed): the step plan's per-tensor check (csrc/plan.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 

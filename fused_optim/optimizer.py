@@ -73,14 +73,16 @@ def _address_or_0(t) -> int:
 
 
 def _plan_match_py(params: list, states: list, names: list, present: list, param_dtype, grad_dtype,
-                   addresses: array, shapes: list, state_dtype, numels: array, found: array) -> tuple:
+                   addresses: array, shapes: list, state_dtype, numels: array, found: array,
+                   device: torch.device) -> tuple:
     """The step plan's per-tensor check of one bucket; ``plan_match`` of the native extension (csrc/plan.cpp, whose
     comment says what each argument is) is the same check in C, used when the extension is there;
     tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
     the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
     ``addresses``) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or went, another dtype,
     shape or contiguity, of a param or of its grad, a state tensor of another dtype, size (``numels``, -1: any) or
-    layout, anything unexpected: take the full path). The addresses read are written into ``found``."""
+    layout, a tensor not on ``device``, anything unexpected: take the full path). The addresses read are written
+    into ``found``."""
     n = len(shapes)
     if (len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n
             or len(numels) != len(names) * n or len(found) != len(addresses)):
@@ -95,7 +97,8 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                 and all(map(is_, map(_DTYPE, params), repeat(param_dtype)))
                 and all(map(is_, map(_DTYPE, grads), repeat(grad_dtype)))
                 and all(map(_CONTIGUOUS, params)) and all(map(_CONTIGUOUS, grads))
-                and list(map(_SHAPE, params)) == shapes and list(map(_SHAPE, grads)) == shapes):
+                and list(map(_SHAPE, params)) == shapes and list(map(_SHAPE, grads)) == shapes
+                and all(map(device.__eq__, map(_DEVICE, params))) and all(map(device.__eq__, map(_DEVICE, grads)))):
             return _CHANGED, None
         seen = list(map(_PTR, params)) + list(map(_PTR, grads))
         for j, (name, has) in enumerate(zip(names, present)):
@@ -104,7 +107,7 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                 return _CHANGED, None  # a state appeared or went: lazy init decides
             # A non-tensor raises; a tensor at an unchanged address can still have another size or dtype.
             if not all(v is None or (v.layout is torch.strided and v.dtype is state_dtype and v.is_contiguous()
-                                     and want in (-1, v.numel()))
+                                     and want in (-1, v.numel()) and v.device == device)
                        for v, want in zip(values, numels[j * n:(j + 1) * n])):
                 return _CHANGED, None
             seen.extend(map(_address_or_0, values))
@@ -112,15 +115,6 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
         return _CHANGED, None
     found[:] = array("q", seen)
     return (_MATCH if found == addresses else _MOVED), grads
-
-
-def _all_on(device: torch.device, params: list, grads: list, states: list, names: list) -> bool:
-    """Whether every param, grad and state ``names`` of a bucket whose addresses moved is still on its ``device``:
-    a tensor moved to another device (``p.data = p.data.cpu()``) has a new address too, and a table rebuilt from
-    it would hold a pointer of another device. Checked only when the table is rebuilt anyway (MOVED)."""
-    states_on = (s[name].device == device for s in states for name in names if s.get(name) is not None)
-    return (all(map(device.__eq__, map(_DEVICE, params))) and all(map(device.__eq__, map(_DEVICE, grads)))
-            and all(states_on))
 
 
 class _State(defaultdict):
@@ -430,17 +424,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     # grad on the params that had none; per bucket the same state dicts (looked up only when ``self.state`` is not
     # the unchanged _State the plan saw), and, in one call per bucket (``plan_match`` of the native extension,
     # csrc/plan.cpp, or the same check in Python, ``_plan_match_py``, without it), every param's grad, the params'
-    # dtype, shape, contiguity and addresses, the grads' dtype, shape, contiguity and addresses, which state tensors
-    # each param has, their addresses, dtypes, contiguity and sizes. Anything different (or raising, e.g. a sparse
-    # grad) and the step takes the full path above, which checks and raises as before and records a new plan. New
-    # grad objects at new addresses keep the plan: once every tensor is seen to be on the bucket's device still, the
-    # table takes the addresses plan_match read (tables.with_addresses: new address tables, the same map).
+    # dtype, shape, contiguity, device and addresses, the grads' dtype, shape, contiguity, device and addresses,
+    # which state tensors each param has, their addresses, dtypes, contiguity, devices and sizes. Anything different
+    # (or raising, e.g. a sparse grad) and the step takes the full path above, which checks and raises as before and
+    # records a new plan. New grad objects at new addresses keep the plan: the table takes the addresses plan_match
+    # read (tables.with_addresses: new address tables, the same map). A tensor moved to another device
+    # (``p.data = p.data.cpu()``) has a new address too; its device sends the step through the full path instead.
     # Sharded (DTensor) and reference buckets always take the full path.
     # A planned bucket whose table was not rebuilt builds no operand lists, and launches the native Adam, LAMB and
     # Adafactor operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native,
     # grad_sq_norm; csrc/ops_common.h, TablesOnly; csrc/adafactor_ops.h). The checks here stand in for the
     # operator's (and for tables.check_operands): every address equal to the table's, the params' and grads' dtype,
-    # shape and contiguity, the state tensors' dtype, contiguity and sizes.
+    # shape, contiguity and device, the state tensors' dtype, contiguity, device and sizes.
     def _plan_signature(self, group: dict) -> tuple:
         lr = group["lr"]
         return (group["backend"], lr.device if isinstance(lr, Tensor) else None,
@@ -513,9 +508,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if look_up and not all(map(is_, map(state.__getitem__, bp.params), b.states)):
                         return None
                     found, grads = match(bp.params, b.states, bp.state_names, bp.state_present, b.param_dtype,
-                                         b.grad_dtype, bp.addresses, bp.shapes, STATE_DTYPE, bp.numels, bp.found)
-                    if found == _CHANGED or (found == _MOVED and not _all_on(b.device, bp.params, grads, b.states,
-                                                                              bp.state_names)):
+                                         b.grad_dtype, bp.addresses, bp.shapes, STATE_DTYPE, bp.numels, bp.found,
+                                         b.device)
+                    if found == _CHANGED:
                         return None
                     buckets.append((b, grads, bp))
                     moved.append(found == _MOVED)

@@ -127,28 +127,24 @@ def test_grads_at_new_addresses_rebuild_the_table_only():
     assert next(iter(opt._tables.values())) is not tables[0]
 
 
-def test_moved_tensors_are_checked_for_their_device(monkeypatch):
-    """Tensors at new addresses rebuild the table only once every one is seen on the bucket's device still (one
-    moved to another device, ``p.data = p.data.cpu()``, has a new address too): here the device check is made to
-    fail, and the step takes the full path. The check itself: params, grads and the states read."""
+def test_a_tensor_on_another_device_takes_the_full_path(monkeypatch):
+    """A tensor moved to another device (``p.data = p.data.cpu()``) has a new address too, and a table must not take
+    it: plan_match reads every tensor's device against the bucket's (the cases of _match_cases). Here its wiring:
+    the bucket's device is what the check is given, and a check that finds the tensors on another device (every
+    call here is given the meta device) sends every step through the full path, with the same results."""
     from fused_optim import optimizer
-    from fused_optim.optimizer import _all_on
-    cpu, meta = torch.device("cpu"), torch.device("meta")
-    p, g, m = torch.zeros(2), torch.zeros(2), torch.zeros(2)
-    assert _all_on(cpu, [p], [g], [{"exp_avg": m}, {}], ["exp_avg"])  # the second param has no exp_avg
-    assert not _all_on(cpu, [p.to(meta)], [g], [{"exp_avg": m}], ["exp_avg"])
-    assert not _all_on(cpu, [p], [g.to(meta)], [{"exp_avg": m}], ["exp_avg"])
-    assert not _all_on(cpu, [p], [g], [{"exp_avg": m.to(meta)}], ["exp_avg"])
-    monkeypatch.setattr(optimizer, "_all_on", lambda *args: False)
-    kept = []
+    real = fused_optim.native.plan_match() or optimizer._plan_match_py  # C or Python, as the fixture chose
+    given = []
 
-    def move(opt, params):
-        kept.append([p.grad for p in params])  # held, so the new grads cannot reuse their memory
-        for p in params:
-            p.grad = p.grad.clone()  # new addresses: MOVED (planned, in test_grads_at_new_addresses_...)
+    def elsewhere(*args):
+        given.append(args[11])
+        return real(*args[:11], torch.device("meta"))
 
-    _, _, counts = _twins(move)
-    assert counts[1] == counts[0] + 1  # the moved step took the full path
+    monkeypatch.setattr(fused_optim.native, "plan_match", lambda: elsewhere)
+    monkeypatch.setattr(optimizer, "_plan_match_py", elsewhere)
+    _, _, counts = _twins(lambda opt, params: None)
+    assert counts == [2, 3, 4]  # every step took the full path (with the real device: KEEPS, [1, 1, 1])
+    assert given and all(d == torch.device("cpu") for d in given)
 
 
 def test_param_storage_swapped_rebuilds_the_table_only():
@@ -550,7 +546,8 @@ def test_table_only_grad_norm_arguments_are_checked():
 
 def _match_cases():
     """(name, args of plan_match, expected result): one case per thing the check reads. Arguments: params, states,
-    names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, found (csrc/plan.cpp)."""
+    names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, found, device
+    (csrc/plan.cpp)."""
     from fused_optim.optimizer import _CHANGED, _MATCH, _MOVED
     f32, bf16 = torch.float32, torch.bfloat16
 
@@ -564,7 +561,7 @@ def _match_cases():
                           + [s["exp_avg"].data_ptr() for s in states] + [states[0]["max_exp_avg_sq"].data_ptr(), 0])
         numels = array("q", [6, 4, 6, -1])  # -1: the second param has no max_exp_avg_sq
         return [ps, states, ["exp_avg", "max_exp_avg_sq"], [True, (True, False)], f32, f32, addresses,
-                [p.shape for p in ps], f32, numels, array("q", [-1] * len(addresses))]
+                [p.shape for p in ps], f32, numels, array("q", [-1] * len(addresses)), torch.device("cpu")]
 
     def case(name, change, expected):
         args = bucket()
@@ -584,7 +581,7 @@ def _match_cases():
         pass
 
     def with_grad(t):
-        t.grad = torch.zeros(t.shape)
+        t.grad = torch.zeros(t.shape, device=t.device)
         return t
 
     return [
@@ -620,6 +617,12 @@ def _match_cases():
         case("state dtype expected", lambda a: put(a, 8, bf16), _CHANGED),
         case("state size expected", lambda a: put(a[9], 2, 5), _CHANGED),
         case("a size for a state a param lacks is not read", lambda a: put(a[9], 3, 7), _MATCH),
+        # on another device (moved there: a new address too); torch refuses a grad on another device than its
+        # param, so a param moved with its grad
+        case("param and grad on another device", lambda a: put(a[0], 0, with_grad(torch.nn.Parameter(
+            torch.zeros(2, 3, device="meta")))), _CHANGED),
+        case("state on another device", lambda a: put(a[1][1], "exp_avg", torch.zeros(4, device="meta")), _CHANGED),
+        case("device expected", lambda a: put(a, 11, torch.device("meta")), _CHANGED),
         case("a list of another length", lambda a: a[1].pop(), _CHANGED),
         case("too few addresses", lambda a: a[6].pop(), _CHANGED),
         case("too few sizes", lambda a: a[9].pop(), _CHANGED),
@@ -652,22 +655,24 @@ def test_plan_checks_in_c_and_python_agree(plan_check):
 
 def test_plan_match_refuses_wrong_argument_types():
     match = fused_optim.native.load().plan_match  # the extension's (the Python check takes any sequences)
-    f32, q = torch.float32, array("q")
-    with pytest.raises(TypeError, match="takes 11 arguments"):
+    f32, q, cpu = torch.float32, array("q"), torch.device("cpu")
+    with pytest.raises(TypeError, match="takes 12 arguments"):
         match([], [])
     with pytest.raises(TypeError, match="param_dtype: torch.dtype"):
-        match([], [], [], [], "float32", f32, q, [], f32, q, q)
+        match([], [], [], [], "float32", f32, q, [], f32, q, q, cpu)
     with pytest.raises(TypeError, match="state_dtype: torch.dtype"):
-        match([], [], [], [], f32, f32, q, [], "float32", q, q)
+        match([], [], [], [], f32, f32, q, [], "float32", q, q, cpu)
     with pytest.raises(TypeError, match="names: list"):
-        match([], [], ("exp_avg",), [], f32, f32, q, [], f32, q, q)
+        match([], [], ("exp_avg",), [], f32, f32, q, [], f32, q, q, cpu)
     for bad in ([], array("i"), array("d")):  # int64s only, in one buffer
         with pytest.raises(TypeError, match=r"addresses: array\('q'\)"):
-            match([], [], [], [], f32, f32, bad, [], f32, q, q)
+            match([], [], [], [], f32, f32, bad, [], f32, q, q, cpu)
         with pytest.raises(TypeError, match=r"numels: array\('q'\)"):
-            match([], [], [], [], f32, f32, q, [], f32, bad, q)
+            match([], [], [], [], f32, f32, q, [], f32, bad, q, cpu)
         with pytest.raises(TypeError, match=r"found: array\('q'\), writable"):
-            match([], [], [], [], f32, f32, q, [], f32, q, bad)
+            match([], [], [], [], f32, f32, q, [], f32, q, bad, cpu)
     with pytest.raises(TypeError, match=r"found: array\('q'\), writable"):  # a read-only buffer
-        match([], [], [], [], f32, f32, q, [], f32, q, memoryview(array("q")).toreadonly())
-    assert match([], [], [], [], f32, f32, q, [], f32, q, q) == (0, [])  # an empty bucket matches
+        match([], [], [], [], f32, f32, q, [], f32, q, memoryview(array("q")).toreadonly(), cpu)
+    with pytest.raises(TypeError, match="device: torch.device"):
+        match([], [], [], [], f32, f32, q, [], f32, q, q, "cpu")
+    assert match([], [], [], [], f32, f32, q, [], f32, q, q, cpu) == (0, [])  # an empty bucket matches
