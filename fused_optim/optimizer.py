@@ -275,10 +275,18 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _init_common_state(p: Tensor, state: dict, group: dict) -> None:
+        """``step``, and ``master_param`` exactly when the group's ``master_weights`` asks for one (bf16/fp16
+        params): created from the param when missing, dropped when the option was turned off (the param, already
+        its master rounded, goes on from there). So every param of a launch group has a master or none has: the
+        fused kernels take that per launch, and a group changed mid-run (``master_weights`` is a state option)
+        would otherwise mix them."""
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
-        if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
+            if "master_param" not in state:
+                state["master_param"] = p.detach().to(torch.float32, copy=True)
+        elif "master_param" in state:
+            del state["master_param"]
 
     @staticmethod
     def _where(group_index: int, index: int) -> str:

@@ -99,6 +99,9 @@ COMPACT_OPERANDS = {"exp_avg_sq_row": "row", "exp_avg_sq_col": "col"}
 # params' and grads' dtypes are the launch group's, compile-time arguments of the kernels).
 STATE_DTYPE = torch.float32
 NOT_STATE = ("param", "grad")
+# Operands whose presence decides whether a launch reads them at all (the kernels take "has master weights" per
+# launch): every tensor of a launch group has one, or none has; a mix would have the kernels read a null address.
+ALL_OR_NONE = ("master_param",)
 _NUMEL, _CONTIGUOUS = torch.Tensor.numel, torch.Tensor.is_contiguous
 _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
 
@@ -106,15 +109,22 @@ _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter(
 def check_operands(operands: dict, expect: dict, device: torch.device | None = None, where=None) -> None:
     """Every tensor of every operand but the first (the params, which the caller checks) is what the kernels read
     and write through a table: ``expect[name][i]`` elements (None: not read), and for optimizer state a contiguous
-    STATE_DTYPE tensor; with ``device``, on that device. Raises ValueError naming the first that is not (its param
-    as ``where(i)`` says, e.g. "param 3 of param group 1"), before anything is written: the kernels would read and
-    write it out of bounds or misread it. Runs whenever a table is built or reused with operand lists read afresh;
-    the all-good case costs about 0.25 us a tensor."""
+    STATE_DTYPE tensor; with ``device``, on that device; an ALL_OR_NONE operand held by every tensor or by none.
+    Raises ValueError naming the first that is not (its param as ``where(i)`` says, e.g. "param 3 of param group
+    1"), before anything is written: the kernels would read and write it out of bounds or misread it. Runs
+    whenever a table is built or reused with operand lists read afresh; the all-good case costs about 0.25 us a
+    tensor."""
     for name, tensors in list(operands.items())[1:]:
         want, state = expect[name], name not in NOT_STATE
         present = list(map(is_not, tensors, repeat(None)))  # (list.count(None) would call Tensor.__eq__)
         if not any(present):
             continue
+        if name in ALL_OR_NONE and not all(present):
+            i, j = present.index(True), present.index(False)
+            name_of = (lambda k: where(k)) if where is not None else (lambda k: f"tensor {k} of a launch group")
+            raise ValueError(f"{name_of(i)} has optimizer state {name!r} but {name_of(j)} of the same launch group "
+                             f"has none; the kernels take {name!r} for every tensor of a launch or for none: "
+                             "delete the entries, or let the optimizer create them (its master_weights option)")
         if all(present) and None not in want:  # the common case, in bulk (C-level map calls)
             if (list(map(_NUMEL, tensors)) == want
                     and (not state or (all(map(is_, map(_DTYPE, tensors), repeat(STATE_DTYPE)))

@@ -391,3 +391,72 @@ def test_auto_picks_native_for_every_rule_it_has():
     p.grad = torch.ones(3)
     opt.step()
     assert {b.backend for b in opt._collect()} == {"native"}
+
+
+_MASTER_OPTS = {
+    "adamw": lambda params, backend: fused_optim.FusedAdamW(params, lr=1e-2, master_weights=True, backend=backend),
+    "lamb": lambda params, backend: fused_optim.FusedLAMB(params, lr=1e-2, master_weights=True, backend=backend),
+    "adafactor": lambda params, backend: fused_optim.FusedAdafactor(params, beta1=0.9, master_weights=True,
+                                                                    backend=backend),
+}
+
+
+@pytest.mark.parametrize("first", ["with-master", "without-master"])
+@pytest.mark.parametrize("rule", sorted(_MASTER_OPTS))
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_master_weights_switched_mid_run(backend, rule, first):
+    """``master_weights`` may change between steps (a state option): turned off, every master_param of a param
+    with a grad goes and the param goes on from its value (its master rounded); turned on, every param with a
+    grad gets one, a copy of the param. A launch group never mixes params with and without one: the kernels take
+    "master weights" per launch. (Before, the masters stayed, a launch took the first param's answer for all, and
+    triton read a null address, a crash, or a master was skipped.) Param A has a grad from step 0, so it has a
+    master before the switch and B has none; ``first``: which of them leads the group. The update itself is the
+    parity tests' business; here AdamW's moments, which depend on the grads alone (exact in fp32: bf16 grads),
+    are also compared with the reference run's, bitwise."""
+    def run(be):
+        a, b = (torch.nn.Parameter(torch.randn(40, generator=torch.Generator().manual_seed(i)).to(DEVICE)
+                                   .bfloat16()) for i in (1, 2))
+        opt = _MASTER_OPTS[rule]([a, b] if first == "with-master" else [b, a], be)
+        for k in range(6):
+            if k in (2, 4):
+                opt.param_groups[0]["master_weights"] = k == 4
+            before = {p: p.detach().clone() for p in (a, b)}
+            for p, seed in ((a, k), (b, 10 + k)):
+                p.grad = (None if p is b and k < 2 else
+                          torch.randn(40, generator=torch.Generator().manual_seed(seed)).to(DEVICE).bfloat16())
+            opt.step()
+            for p in (a, b):
+                if p.grad is None:
+                    continue
+                state = opt.state[p]
+                if 2 <= k < 4:
+                    assert "master_param" not in state, f"step {k}: a master_param with master_weights off"
+                else:
+                    master = state["master_param"]
+                    assert torch.equal(p.detach(), master.to(torch.bfloat16)), f"step {k}: param is not its master"
+                    if k == 4:  # created this step from the param, then updated with it
+                        assert not torch.equal(master, before[p].float()), f"step {k}: master not updated"
+        return a, b, opt
+
+    got = run(backend)
+    if backend == "reference" or rule != "adamw":
+        return
+    want = run("reference")
+    for name, p, q in (("A", got[0], want[0]), ("B", got[1], want[1])):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got[2].state[p][key], want[2].state[q][key]), f"{key} of param {name}"
+
+
+def test_a_launch_group_with_and_without_master_weights_is_an_error():
+    """The kernels read master_param for every tensor of a launch or for none (tables.ALL_OR_NONE): a mix (which
+    the optimizer's state init never makes) is refused before a table is built, naming both params."""
+    from fused_optim.tables import TensorTable
+    params = [torch.zeros(4, dtype=torch.bfloat16) for _ in range(3)]
+    operands = {"param": params, "grad": [torch.zeros_like(p) for p in params],
+                "master_param": [torch.zeros(4), None, torch.zeros(4)]}
+    where = lambda i: f"param {i} of param group 0"  # noqa: E731
+    with pytest.raises(ValueError, match="param 0 of param group 0 has optimizer state 'master_param' but param 1 "
+                                         "of param group 0 of the same launch group has none"):
+        TensorTable.build(operands, torch.device("cpu"), where=where)
+    operands["master_param"] = [None, None, None]
+    TensorTable.build(operands, torch.device("cpu"), where=where)  # none: fine
