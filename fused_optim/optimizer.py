@@ -535,12 +535,38 @@ class FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict saved by this optimizer or by its torch.optim counterpart.
 
-        Same as :meth:`torch.optim.Optimizer.load_state_dict`, except that floating-point state stays fp32
-        (fp64 for fp64 params): torch would cast it to the param's dtype (bf16 moments, bf16 master weights).
-        ``step`` becomes a float32 scalar tensor on the param's device, as the kernels read it there.
+        Same as :meth:`torch.optim.Optimizer.load_state_dict` (hooks included), except that:
+
+        * floating-point state stays fp32 (fp64 for fp64 params): torch would cast it to the param's dtype (bf16
+          moments, bf16 master weights). ``step`` becomes a float32 scalar tensor on the param's device, as the
+          kernels read it there. This is applied to the state_dict the load pre-hooks returned, before any load
+          post-hook runs, so that hooks edit what is loaded, as with torch.
+        * each param group keeps this optimizer's ``backend``: it says where the step runs, not what it computes,
+          and a checkpoint saved where another backend ran (``"triton"`` on a GPU machine) must load anywhere.
+          Every other group option (lr, betas, ``master_weights``, ...) comes from the state_dict, as torch's do.
         """
+        loaded = []
+        backends_here = [group["backend"] for group in self.param_groups]
+
+        def take(optimizer, state_dict):  # runs after every other load pre-hook: what torch loads
+            loaded.append(state_dict)
+
+        def fix(optimizer):  # runs before every other load post-hook
+            self._fix_loaded_state(loaded[-1])
+            for group, backend in zip(self.param_groups, backends_here):
+                group["backend"] = backend
+
+        pre = self.register_load_state_dict_pre_hook(take)
+        post = self.register_load_state_dict_post_hook(fix, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _fix_loaded_state(self, state_dict: dict) -> None:
+        """Put back the fp32 state torch's load_state_dict cast to the params' dtype, from ``state_dict``."""
         saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):

@@ -117,6 +117,56 @@ def test_state_dict_keeps_fp32_state_for_bf16_params(backend):
     train(m3, opt3, 1, seed=1)  # and steps fine from there
 
 
+@pytest.mark.parametrize("cls", [fused_optim.FusedAdamW, fused_optim.FusedLAMB, fused_optim.FusedAdafactor])
+def test_load_state_dict_hooks_edit_what_is_loaded(cls):
+    """As torch's: a load pre-hook's returned state_dict is what is loaded, and a post-hook's edits stay. The fp32
+    state is restored from what the pre-hooks returned, before the post-hooks run (before, it was restored from
+    the state_dict given, after every hook: a hook that dropped or reset state did nothing). bf16 params with
+    master weights: the state torch would cast to bf16 stays fp32, from the edited dict."""
+    m = model(torch.bfloat16)
+    kw = dict(backend="reference", master_weights=True, **({} if cls is fused_optim.FusedAdafactor else {"lr": 1e-2}))
+    opt = cls(m.parameters(), **kw)
+    train(m, opt, 2, seed=0)
+    sd = opt.state_dict()
+
+    fresh = cls(m.parameters(), **kw)
+    fresh.register_load_state_dict_pre_hook(lambda o, d: {**d, "state": {}})
+    fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0
+
+    doubled = cls(m.parameters(), **kw)
+    doubled.register_load_state_dict_pre_hook(
+        lambda o, d: {**d, "state": {i: {k: v * 2 if k == "master_param" else v for k, v in s.items()}
+                                     for i, s in d["state"].items()}})
+    reset = []
+    doubled.register_load_state_dict_post_hook(
+        lambda o: reset.extend(s.__setitem__("step", torch.zeros_like(s["step"])) for s in o.state.values()))
+    doubled.load_state_dict(sd)
+    assert len(reset) == len(opt.state) > 0
+    for p in m.parameters():
+        st = doubled.state[p]
+        assert st["master_param"].dtype == torch.float32
+        assert torch.equal(st["master_param"], opt.state[p]["master_param"] * 2)  # exact in fp32: from the hook
+        assert float(st["step"]) == 0.0
+
+
+@pytest.mark.parametrize("saved,here", [("reference", BACKENDS[-1]), (BACKENDS[-1], "reference"),
+                                        ("reference", "auto")])
+def test_load_state_dict_keeps_this_optimizers_backend(saved, here):
+    """A checkpoint's groups bring every option (lr, betas, master_weights, ...) but ``backend``, which says where
+    the step runs: a checkpoint of a triton run on a GPU machine must load into a native or CPU run."""
+    m = model()
+    opt = fused_optim.FusedAdamW(m.parameters(), lr=1e-2, backend=saved)
+    train(m, opt, 1, seed=0)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.5
+    other = fused_optim.FusedAdamW(m.parameters(), lr=1e-2, backend=here)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["backend"] == here
+    assert other.param_groups[0]["lr"] == 0.5
+    train(m, other, 1, seed=1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lr_scheduler(backend):
     m_ours, m_ref = model(), model()
