@@ -84,7 +84,9 @@ class FusedLAMB(FusedOptimizer):
         max_grad_norm (float or None): :math:`\kappa`; when set, every gradient of the optimizer (all param
             groups) is scaled by :math:`\min(1, \kappa / G)` before the moments, with :math:`G` the global L2 norm
             of the (unscaled) gradients. ``param.grad`` itself is not modified (default: None, no clipping).
-            One value for the whole optimizer: param groups cannot override it.
+            One value for the whole optimizer, kept in every param group (as torch keeps its options, so that a
+            state_dict saves and restores it): a group added later takes it, and a step refuses groups that
+            disagree (set ``group["max_grad_norm"]`` in every group to change it).
         trust_clip (pair of floats or None): :math:`(\phi_l, \phi_u)`, clamp the trust ratio to
             :math:`[\phi_l, \phi_u]`, ``0 <= lo <= hi`` (``hi`` may be ``math.inf``) (default: None).
         layer_adaptation (bool): use the trust ratio; ``False`` gives :math:`r = 1` (and ignores
@@ -165,20 +167,40 @@ class FusedLAMB(FusedOptimizer):
             group["trust_clip"] = (lo, hi)
 
     def add_param_group(self, param_group: dict) -> None:
-        """As the base class's, and checks the group's hyperparameters; a group that fails is not added."""
+        """As the base class's, and checks the group's hyperparameters; a group that fails is not added. A group
+        without ``max_grad_norm`` takes the optimizer's (the other groups' value, which a loaded state_dict may
+        have changed)."""
+        if self.param_groups and "max_grad_norm" not in param_group:
+            param_group = {**param_group, "max_grad_norm": self.param_groups[0]["max_grad_norm"]}
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         group = self.param_groups[index]
         try:
             self._check_hyperparameters(group, f"FusedLAMB param group {index}")
-            if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
+            ours = (self.param_groups[0] if index else self.defaults)["max_grad_norm"]
+            if group["max_grad_norm"] != ours:
                 raise ValueError(
                     f"FusedLAMB param group {index}: max_grad_norm={group['max_grad_norm']!r} differs from the "
-                    f"optimizer's ({self.defaults['max_grad_norm']!r}); it is one clip over the global norm of "
-                    "every gradient of the optimizer: set it in the constructor only")
+                    f"optimizer's ({ours!r}); it is one clip over the global norm of every gradient of the "
+                    "optimizer: set it in the constructor only")
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _check_groups(self) -> None:
+        """``max_grad_norm`` is read from the groups at every step (a loaded state_dict or a user may have set it
+        there): it must be valid and the same in every group."""
+        first = self.param_groups[0]["max_grad_norm"] if self.param_groups else None
+        for index, group in enumerate(self.param_groups):
+            mgn = group["max_grad_norm"]
+            if mgn is not None and not (isinstance(mgn, (int, float)) and 0.0 < mgn < math.inf):
+                raise ValueError(f"FusedLAMB param group {index}: invalid max_grad_norm {mgn!r}: use a finite "
+                                 "number > 0, or None for no gradient clipping")
+            if mgn != first:
+                raise ValueError(
+                    f"FusedLAMB: param group {index} has max_grad_norm={mgn!r} but param group 0 has {first!r}; it "
+                    "is one clip over the global norm of every gradient of the optimizer: set the same value in "
+                    "every group (for group in opt.param_groups: group['max_grad_norm'] = ...)")
 
     # -- FusedOptimizer hooks ---------------------------------------------------------------------------------
     def _init_param_state(self, p, state, group):
@@ -201,7 +223,7 @@ class FusedLAMB(FusedOptimizer):
         tensor on each bucket's device. Each bucket's Σg² is computed by its backend on its device; the sums are
         added in float64 on the first bucket's device, in bucket order (deterministic), with torch ops: no value
         is read back to the host."""
-        max_grad_norm = self.defaults["max_grad_norm"]
+        max_grad_norm = self.param_groups[0]["max_grad_norm"]  # the same in every group (_check_groups)
         if max_grad_norm is None:
             return {}
         home = buckets[0].device

@@ -258,6 +258,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Keyword arguments of this optimizer's rule for one param group (floats or 1-element tensors)."""
         raise NotImplementedError
 
+    def _check_groups(self) -> None:
+        """Called first in every step: raise for group options that cannot hold together (e.g. FusedLAMB's
+        optimizer-wide ``max_grad_norm`` set differently in two groups), before anything is touched."""
+
     def _step_hyperparameters(self, buckets: list, scaler: dict) -> dict:
         """Rule arguments that depend on the whole step rather than on one param group, e.g. a clip coefficient
         from the global gradient norm over every grad of the optimizer (FusedLAMB's ``max_grad_norm``).
@@ -363,6 +367,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._check_groups()
         buckets = self._planned_buckets()
         planned = buckets is not None
         if not planned:

@@ -442,6 +442,50 @@ def test_invalid_param_group():
     assert opt.param_groups[1]["trust_clip"] == (0.0, 10.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_grad_norm_is_read_from_the_groups(backend):
+    """max_grad_norm lives in every param group, as torch keeps options, so a state_dict restores it and a step
+    reads it there (before, the step read the constructor's value only: a resumed run clipped as its constructor
+    said, not as the checkpoint did). Groups that disagree, or an invalid value set in a group, are refused at the
+    step, before anything is touched; a group added later takes the optimizer's value."""
+    def run(constructed, *, edit=..., load=None, steps=3):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 8))
+        opt = FusedLAMB([w], lr=1e-2, max_grad_norm=constructed, backend=backend)
+        if load is not None:
+            opt.load_state_dict(load)
+        if edit is not ...:
+            opt.param_groups[0]["max_grad_norm"] = edit
+        for _ in range(steps):
+            w.grad = 1000 * w.detach().clone()  # a global norm far above 0.1
+            opt.step()
+        return w.detach(), opt
+
+    clipped, _ = run(0.1)
+    unclipped, _ = run(None)
+    assert not torch.equal(clipped, unclipped)
+    assert torch.equal(run(None, edit=0.1)[0], clipped)
+    assert torch.equal(run(0.1, edit=None)[0], unclipped)
+    _, saved = run(0.1, steps=0)
+    assert torch.equal(run(None, load=saved.state_dict())[0], clipped)
+    _, saved = run(None, steps=0)
+    assert torch.equal(run(0.1, load=saved.state_dict())[0], unclipped)
+
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = FusedLAMB([p], max_grad_norm=None, backend=backend)
+    opt.param_groups[0]["max_grad_norm"] = 1.0
+    opt.add_param_group(dict(params=[q]))
+    assert opt.param_groups[1]["max_grad_norm"] == 1.0  # the optimizer's, as the groups hold it
+    p.grad, q.grad = torch.ones(4), torch.ones(4)
+    opt.param_groups[1]["max_grad_norm"] = 2.0
+    with pytest.raises(ValueError, match=r"param group 1 has max_grad_norm=2\.0 but param group 0 has 1\.0"):
+        opt.step()
+    opt.param_groups[0]["max_grad_norm"] = opt.param_groups[1]["max_grad_norm"] = -1.0
+    with pytest.raises(ValueError, match=r"param group 0: invalid max_grad_norm -1\.0"):
+        opt.step()
+    assert len(opt.state) == 0 and torch.equal(p.detach(), torch.ones(4))  # nothing touched
+
+
 def test_exported():
     assert fused_optim.FusedLAMB is FusedLAMB and "FusedLAMB" in fused_optim.__all__
     opt = FusedLAMB([torch.zeros(2, requires_grad=True)])
