@@ -19,6 +19,7 @@ which would round the fp32 moments and master weights of a bf16 param to bf16.
 """
 from __future__ import annotations
 
+import warnings
 from array import array
 from collections import defaultdict
 from dataclasses import dataclass
@@ -215,12 +216,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.state = _State(dict)
 
     def add_param_group(self, param_group: dict) -> None:
-        """As torch's, and names the problems of a param now (complex, a backend that cannot run it) rather than
-        at the first step; a group that fails is not added."""
-        super().add_param_group(param_group)
+        """As torch's, and names the problems of a param now (complex, a backend that cannot run it, a param listed
+        twice) rather than at the first step; a group that fails is not added."""
+        with warnings.catch_warnings():  # torch warns of duplicates, and will refuse them; refused below
+            warnings.filterwarnings("ignore", "optimizer contains a parameter group with duplicate parameters")
+            super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
         group = self.param_groups[gi]
         try:
+            first: dict = {}
+            for i, p in enumerate(group["params"]):
+                j = first.setdefault(id(p), i)
+                if j != i:
+                    name = type(self).__name__
+                    raise ValueError(f"{name}: param group {gi} lists the same param twice (at {j} and {i}); a step "
+                                     "would update it twice (in one launch, racing, on the fused backends): list "
+                                     "each param once (torch.optim warns of this and will refuse it)")
             backends.check_name(group["backend"])
             for i, p in enumerate(group["params"]):
                 self._check_param(p, gi, i, group)

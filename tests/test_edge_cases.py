@@ -460,3 +460,17 @@ def test_a_launch_group_with_and_without_master_weights_is_an_error():
         TensorTable.build(operands, torch.device("cpu"), where=where)
     operands["master_param"] = [None, None, None]
     TensorTable.build(operands, torch.device("cpu"), where=where)  # none: fine
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+def test_a_param_listed_twice_is_refused(backend):
+    """torch.optim warns of a param listed twice in a group (and will refuse it); a fused launch would update it
+    twice, racing on a GPU (the native CPU engine took one update and counted one step where torch counts two).
+    Refused when the group is added, on every backend; the group is not added."""
+    p, q = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"FusedAdamW: param group 0 lists the same param twice \(at 0 and 2\)"):
+        fused_optim.FusedAdamW([p, q, p], backend=backend)
+    opt = fused_optim.FusedLAMB([p], backend=backend)
+    with pytest.raises(ValueError, match=r"FusedLAMB: param group 1 lists the same param twice \(at 0 and 1\)"):
+        opt.add_param_group(dict(params=[q, q]))
+    assert len(opt.param_groups) == 1
