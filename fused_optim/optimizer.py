@@ -344,11 +344,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{name}: {self._where(gi, i)} has a sparse gradient; {name} supports dense "
                                        "gradients only (torch.optim.SparseAdam handles sparse embeddings)")
                 if bucket.backend != "reference" and not (lp.is_contiguous() and lg.is_contiguous()):
-                    what, t = ("param", lp) if not lp.is_contiguous() else ("grad", lg)
+                    if not lp.is_contiguous():
+                        what, t, fix = "param", lp, (
+                            "make the parameter contiguous before creating the optimizer (a model converted to "
+                            "torch.channels_last: convert it back with .to(memory_format=torch.contiguous_format)), "
+                            "or use backend='reference'")
+                    else:
+                        what, t, fix = "grad", lg, "assign the param a contiguous grad (grad.contiguous())"
                     raise RuntimeError(
                         f"{name}: {self._where(gi, i)} has a non-contiguous {what} (shape {tuple(t.shape)}, strides "
-                        f"{t.stride()}); backend={bucket.backend!r} updates contiguous tensors only: make the "
-                        "parameter contiguous before creating the optimizer, or use backend='reference'")
+                        f"{t.stride()}); backend={bucket.backend!r} updates contiguous tensors only: {fix}")
                 bucket.params.append(p)
                 bucket.index.append(i)
                 bucket.grads.append(lg)

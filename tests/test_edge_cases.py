@@ -307,12 +307,15 @@ def _errors():
                                                      check_invariants=True).to(DEVICE), "sparse gradient")
     base = torch.randn(4, 6, device=DEVICE)
     nc = torch.nn.Parameter(base.t())
-    cases["non-contiguous"] = (nc, torch.randn(6, 4, device=DEVICE), "non-contiguous")
+    cases["non-contiguous"] = (nc, torch.randn(6, 4, device=DEVICE), "non-contiguous param.*make the parameter "
+                               "contiguous.*channels_last")
+    cases["non-contiguous grad"] = (torch.nn.Parameter(torch.randn(6, 4, device=DEVICE)), base.t(),
+                                    r"non-contiguous grad.*assign the param a contiguous grad \(grad.contiguous")
     return cases
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["sparse", "non-contiguous"])
+@pytest.mark.parametrize("kind", ["sparse", "non-contiguous", "non-contiguous grad"])
 def test_bad_param_errors_before_any_state_is_touched(backend, kind):
     good = torch.randn(5, device=DEVICE).requires_grad_()
     bad, bad_grad, match = _errors()[kind]
