@@ -59,7 +59,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["ulp", "theta_atol", "state_atol", "assert_close_atol", "assert_within_ulps", "param_ulps", "run_parity",
+__all__ = ["ulp", "theta_atol", "state_atol", "assert_close_atol", "assert_within_ulps", "param_ulps",
+           "assert_same_nonfinite", "run_parity",
            "adam_parity_checks", "BIG_LR_STEPS", "ParityRun",
            "ADAFACTOR_NOTES", "sum_gap", "adafactor_gaps", "adafactor_parity",
            "LAMB_THREADS", "LAMB_K_U", "reduction_depth", "sum_sq_rel", "n_blocks", "lamb_clip_gap", "norm_f64",
@@ -103,6 +104,16 @@ def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, max_ulps: i
 def param_ulps(dtype: torch.dtype, master: bool) -> int:
     """Allowed gap of a bf16/fp16 param, in ulps of its dtype (see the module docstring)."""
     return 1 if master else 2
+
+
+def assert_same_nonfinite(actual: torch.Tensor, expected: torch.Tensor, what: str) -> torch.Tensor:
+    """NaN, +inf and -inf at exactly the elements where ``expected`` has them: no tolerance applies to these. Returns
+    the mask of the finite elements, for the caller's tolerance on the rest."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    for name, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        a, e = test(actual), test(expected)
+        assert torch.equal(a, e), f"{what}: {name} at {a.nonzero().tolist()}, expected at {e.nonzero().tolist()}"
+    return torch.isfinite(expected)
 
 
 

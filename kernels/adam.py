@@ -92,7 +92,9 @@ def _adam_elements(
     engine.store(exp_avg, offs, m, mask, MASKED)
     engine.store(exp_avg_sq, offs, v, mask, MASKED)
     if AMSGRAD:
-        v = tl.maximum(engine.load(max_exp_avg_sq, offs, mask, MASKED), v)
+        # torch.maximum propagates a NaN from either side (so does the native rule's max_nan); tl.maximum's
+        # default (maxnumf) returns the other operand, which would drop a NaN grad from v̂max
+        v = tl.maximum(engine.load(max_exp_avg_sq, offs, mask, MASKED), v, propagate_nan=tl.PropagateNan.ALL)
         engine.store(max_exp_avg_sq, offs, v, mask, MASKED)
 
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps

@@ -1,14 +1,16 @@
 """Edge cases of the fused backends: skipped params, 0-d/zero-size tensors, 1,000 tensors in one launch, several
-param groups, misaligned tensors, table caching, and errors raised before any state is touched."""
+param groups, misaligned tensors, a NaN through amsgrad's running max, table caching, and errors raised before any
+state is touched."""
 import weakref
 
 import pytest
 import torch
 
 import fused_optim
-from cases import fused_backends
+from cases import DTYPES, case_id, fused_backends
 from conftest import DEVICE
-from tolerances import assert_close_atol, theta_atol
+from tolerances import (assert_close_atol, assert_same_nonfinite, assert_within_ulps, param_ulps, state_atol,
+                        theta_atol)
 
 BACKENDS = fused_backends()
 
@@ -125,6 +127,46 @@ def test_misaligned_views(backend):
     table = next(iter(oa._tables.values()))
     assert table.aligned is False
     assert_same(a, b, oa, ob, 1e-2, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=case_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_amsgrad_keeps_a_nan_in_max_exp_avg_sq(backend, dtype):
+    """amsgrad's v̂max = max(v̂max, v) propagates a NaN from either side, as torch.maximum does in the reference
+    (and torch.optim.Adam, and the native rule's max_nan): from v after a NaN grad (step 1), and from v̂max itself
+    (a NaN written into the state before step 3, as a checkpoint saved after a NaN step holds one). The NaN stays in
+    v̂max and reaches the param. The Triton rule took max(v̂max, NaN) = v̂max (tl.maximum's default drops a NaN), so
+    v̂max kept a number where the reference has NaN. Param and every state tensor, NaN/inf at exactly the
+    reference's elements and the finite rest within the parity bounds, at every step."""
+    lr, n = 1e-2, 7
+
+    def mk():
+        return [torch.linspace(-1, 1, n, device=DEVICE).to(dtype).requires_grad_()]
+    a, b = mk(), mk()
+    oa = fused_optim.FusedAdam(a, lr=lr, amsgrad=True, backend=backend)
+    ob = fused_optim.FusedAdam(b, lr=lr, amsgrad=True, backend="reference")
+    for step in range(1, 5):
+        g = torch.randn(n, device=DEVICE)
+        if step == 1:
+            g[1] = float("nan")
+        if step == 3:
+            for opt, p in ((oa, a[0]), (ob, b[0])):
+                opt.state[p]["max_exp_avg_sq"][4] = float("nan")  # in place: the cached table stays valid
+        step_both(a, b, oa, ob, [g.to(dtype)])
+        pa, pb = a[0].detach(), b[0].detach()
+        finite = assert_same_nonfinite(pa, pb, f"param, step {step}")
+        if dtype == torch.float32:
+            assert_close_atol(pa[finite], pb[finite], theta_atol([lr] * step, pb[finite].abs().max().item()),
+                              f"param, step {step}")
+        else:
+            assert_within_ulps(pa[finite], pb[finite], param_ulps(dtype, False), f"param, step {step}")
+        sa, sb = oa.state[a[0]], ob.state[b[0]]
+        assert set(sa) == set(sb) and float(sa["step"]) == float(sb["step"]) == step
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            finite = assert_same_nonfinite(sa[key], sb[key], f"{key}, step {step}")
+            assert_close_atol(sa[key][finite], sb[key][finite], state_atol(step, sb[key][finite].abs().max().item()),
+                              f"{key}, step {step}")
+    assert torch.isnan(ob.state[b[0]]["max_exp_avg_sq"][[1, 4]]).all(), "the test no longer puts NaN in v̂max"
 
 
 @pytest.mark.parametrize("rule,key", [("adamw", "exp_avg"), ("adamw", "step"), ("lamb", "exp_avg_sq"),
