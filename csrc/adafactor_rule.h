@@ -71,6 +71,7 @@ FO_HD FO_INLINE float factored_u(float g, float row_factor, float col_factor) {
 struct UpdateScalars {
   float scale;       // α / max(1, RMS(U) / d)
   float decay_coef;  // -λα
+  bool decay;        // λ != 0, the reference's test: with λ = 0 and α = inf, -λα is NaN and is not applied
   float beta1, one_minus_beta1;
 };
 
@@ -97,6 +98,7 @@ FO_HD FO_INLINE UpdateScalars update_scalars(double lr, double eps2, double clip
   UpdateScalars s;
   s.scale = static_cast<float>(alpha / (clip > 1.0 ? clip : 1.0));
   s.decay_coef = static_cast<float>(-weight_decay * alpha);
+  s.decay = weight_decay != 0.0;
   s.beta1 = static_cast<float>(beta1);
   s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   return s;
@@ -333,7 +335,7 @@ struct AdafactorPass3 : FactoredCoefs {
                           : static_cast<double>(*static_cast<const float*>(a.lr_ptr));
     }
     const int64_t numel = a.meta[t * kTileMetaWidth + kMetaNumel];
-    x.s = UpdateScalars{0.0f, 0.0f, 0.0f, 0.0f};
+    x.s = UpdateScalars{};
     if (numel > 0) {  // a zero-size tensor only advances its step
       x.s = update_scalars(lr, a.eps2, a.clip_threshold, a.beta1, a.weight_decay, a.relative_step, a.warmup_init,
                            a.scale_parameter, x.step, numel, a.stats[a.n_stats + t], a.usq_sums[t]);
@@ -382,7 +384,7 @@ struct AdafactorPass3 : FactoredCoefs {
     FO_UNROLL
     for (int k = 0; k < N; ++k) {
       // θ.add_(θ, alpha=-λα) (one FMA, θ before the update), then θ - update
-      if (x.s.decay_coef != 0.0f) theta[k] = fma_rn(x.s.decay_coef, theta[k], theta[k]);
+      if (x.s.decay) theta[k] = fma_rn(x.s.decay_coef, theta[k], theta[k]);
       theta[k] = sub_rn(theta[k], U[k]);
     }
     if constexpr (MASTER) store<N, VEC>(x.master_param, i, theta);

@@ -220,7 +220,7 @@ def _pass2_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _pass3_tile(param, grad, exp_avg_sq_ptrs, exp_avg_ptrs, master_ptrs, stats, batch_sums, t, tm, b, r, c, n, m,
-                offs, mask, grad_scale_ptr, scale, decay_coef, beta1, one_minus_beta1, matrix,
+                offs, mask, grad_scale_ptr, scale, weight_decay, decay_coef, beta1, one_minus_beta1, matrix,
                 ALIGNED: tl.constexpr, MASKED: tl.constexpr, UNSCALE: tl.constexpr, MOMENTUM: tl.constexpr,
                 MASTER: tl.constexpr):
     g = engine.load(grad, offs, mask, MASKED)
@@ -245,7 +245,9 @@ def _pass3_tile(param, grad, exp_avg_sq_ptrs, exp_avg_ptrs, master_ptrs, stats, 
     else:
         theta_ptr = param
     theta = engine.load(theta_ptr, offs, mask, MASKED)
-    if decay_coef != 0.0:
+    # Decay when λ != 0, as the reference tests it: with λ = 0 and α = inf (an fp16 param that overflowed, scaled
+    # by RMS(θ) = inf) the coefficient -λα is NaN, and decaying would turn every element NaN.
+    if weight_decay != 0.0:
         theta = tl.fma(decay_coef, theta, theta)  # torch: θ.add_(θ, alpha=-λα), θ before the update
     theta = theta - update
     engine.store(theta_ptr, offs, theta, mask, MASKED)
@@ -305,12 +307,12 @@ def _pass3_kernel(
             matrix = tl.load(tm + engine.TM_MATRIX)
             if full:
                 _pass3_tile(param, grad, exp_avg_sq_ptrs, exp_avg_ptrs, master_ptrs, stats, batch_sums, t, tm, b, r,
-                            c, n, m, offs, mask, grad_scale_ptr, scale, decay_coef, beta1_32, one_minus_beta1,
-                            matrix, ALIGNED, False, UNSCALE, MOMENTUM, MASTER)
+                            c, n, m, offs, mask, grad_scale_ptr, scale, weight_decay, decay_coef, beta1_32,
+                            one_minus_beta1, matrix, ALIGNED, False, UNSCALE, MOMENTUM, MASTER)
             else:
                 _pass3_tile(param, grad, exp_avg_sq_ptrs, exp_avg_ptrs, master_ptrs, stats, batch_sums, t, tm, b, r,
-                            c, n, m, offs, mask, grad_scale_ptr, scale, decay_coef, beta1_32, one_minus_beta1,
-                            matrix, ALIGNED, True, UNSCALE, MOMENTUM, MASTER)
+                            c, n, m, offs, mask, grad_scale_ptr, scale, weight_decay, decay_coef, beta1_32,
+                            one_minus_beta1, matrix, ALIGNED, True, UNSCALE, MOMENTUM, MASTER)
         if engine.last_tile_of_tensor(arrivals, t, tm):
             tl.store(step_ptr, step)
 

@@ -1,9 +1,10 @@
 """FusedAdafactor: every usable fused backend against the reference, step by step over 20 steps (params and every
 state tensor, awkward shapes, every option, fp32/bf16, master weights, lr as a device tensor, params under the
-eps2 floor, steps past 10^4 where the relative step takes its 1/sqrt(t) cap); the reference
-against an independent float64 oracle written here from the formula of issue 5 (and against transformers'
-Adafactor when it is installed); state memory; bitwise-deterministic reruns; GradScaler; launches per step;
-validation. Tolerances: tests/tolerances.py, ADAFACTOR_NOTES (derived there; checked here at every step).
+eps2 floor, steps past 10^4 where the relative step takes its 1/sqrt(t) cap, overflowed params with NaN and ±inf
+where the reference has them); the reference against an independent float64 oracle written here from the formula
+of issue 5 (and against transformers' Adafactor when it is installed); state memory; bitwise-deterministic reruns;
+GradScaler; launches per step; validation. Tolerances: tests/tolerances.py, ADAFACTOR_NOTES (derived there;
+checked here at every step).
 
 Interpreter budget (TRITON_INTERPRET, ~10-25 ms per program): a step is 3 tile passes (one program per
 32 x 128 tile) plus 4 small launches, so the option variants run on a 4-tile shape set and the awkward shapes
@@ -20,7 +21,7 @@ from cases import case_id, fused_backends
 from conftest import DEVICE
 from fused_optim import testing
 from test_parity import GRAD_SCALES, clone_params, make_params
-from tolerances import EPS32
+from tolerances import EPS32, assert_same_nonfinite
 
 BACKENDS = fused_backends(rule="adafactor")
 STEPS = 20
@@ -130,6 +131,53 @@ def test_parity_late_steps(backend, variant):
     run_pair(SMALL, torch.float32, VARIANTS[variant], backend, steps=4, late_step=late)
     warmup = VARIANTS[variant].get("warmup_init", False)
     assert relative_step_size(late + 1, lr=None, relative_step=True, warmup_init=warmup) == 1 / math.sqrt(late + 1)
+
+
+# inf - inf, 0 * inf and overflow are this test's point; Triton's interpreter (numpy) warns on each
+@pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
+@pytest.mark.parametrize("variant", [dict(), dict(weight_decay=0.1, beta1=0.9)], ids=["no-decay", "decay-beta1"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_overflowed_param_gives_the_reference_nan_and_inf(backend, variant):
+    """Params whose Σθ² is inf: fp16 params that overflowed to ±inf, and finite fp32 ones of 1e20 (θ² overflows fp32).
+    Then RMS(θ) = inf, α = ρ·RMS(θ) = inf and the update is ±inf: the reference gives θ - update = ∓inf, and NaN
+    only where θ was inf of the update's sign. It decays only when λ != 0; the fused kernels decayed when the
+    coefficient -λα was nonzero, and with λ = 0 that is 0·inf = NaN: every element came out NaN. Two steps (the
+    second from params holding ±inf and NaN); the param and every state tensor with NaN and ±inf at exactly the
+    reference's elements, the finite statistics within the first-step gaps of ADAFACTOR_NOTES at step t."""
+    inf = float("inf")
+
+    def mk():
+        return [torch.tensor([1.0, 2.0, inf, 3.0], device=DEVICE).half().requires_grad_(),
+                torch.tensor([[1.0, -inf, 2.0, 0.5, -1.0], [3.0, 4.0, 5.0, inf, 6.0], [0.0, -2.0, 1.0, 1.0, 2.0]],
+                             device=DEVICE).half().requires_grad_(),
+                torch.full((2, 3), 1e20, device=DEVICE).requires_grad_()]
+    pf, pr = mk(), mk()
+    fused = fused_optim.FusedAdafactor(pf, backend=backend, **variant)
+    ref = fused_optim.FusedAdafactor(pr, backend="reference", **variant)
+    for t in (1, 2):
+        for p, q in zip(pf, pr):
+            p.grad = torch.randn(p.shape, device=DEVICE).to(p.dtype)
+            q.grad = p.grad.clone()
+        fused.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(pf, pr)):
+            assert_same_nonfinite(p.detach(), q.detach(), f"param {i} step {t}")
+            assert not torch.isfinite(q).any(), "an element of the test stayed finite: compare it with a bound"
+            assert t > 1 or not torch.isnan(q).all(), "the reference's first step should leave ±inf, not only NaN"
+            st_f, st_r = fused.state[p], ref.state[q]
+            assert set(st_f) == set(st_r) and float(st_f["step"]) == float(st_r["step"]) == t
+            if "exp_avg" in st_r:
+                assert_same_nonfinite(st_f["exp_avg"], st_r["exp_avg"], f"param {i} exp_avg step {t}")
+                assert not torch.isfinite(st_r["exp_avg"]).any(), "a finite exp_avg: compare it with a bound"
+            # The statistics of g² see no param: finite, within their relative gaps (as in adafactor_parity).
+            gaps = testing.adafactor_gaps(tuple(q.shape), t)
+            for key, rel in (("exp_avg_sq_row", gaps.get("row")), ("exp_avg_sq_col", gaps.get("col")),
+                             ("exp_avg_sq", gaps.get("V"))):
+                if key in st_r:
+                    finite = assert_same_nonfinite(st_f[key], st_r[key], f"param {i} {key} step {t}")
+                    assert finite.all()
+                    gap = (st_f[key].double() - st_r[key].double()).abs()
+                    assert (gap <= rel * st_r[key].double().abs()).all(), f"param {i} {key} step {t}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
