@@ -25,16 +25,21 @@
 //
 // Per-block partial sums (LAMB's norms, a global grad norm). A rule that reduces declares
 //   static constexpr int kPartials = Q;   (Q >= 1 quantities; absent or 0: a purely elementwise rule)
-// and its apply takes one more argument, `float (&part)[Q][N]`, where it leaves each element's contribution
-// (θ², u², ...). The engine adds the contributions in a fixed order of its own and writes one fp32 sum per
-// quantity and block into `partials[q * n_blocks + b]` (the layout of kernels/lamb.py); a skipped launch writes
-// zeros. A separate launch, segment_sum, then adds each tensor's partials in a fixed order: there is no float
-// atomic, and the same inputs give bitwise the same sums on every run. The two steps stay separate so that under
-// FSDP an all-reduce of the per-tensor sums fits between them.
+// and its apply takes one more argument, `Partial (&part)[Q][N]`, where it leaves each element's contribution
+// (θ², u², ...). The engine adds the contributions in a fixed order of its own and writes one sum per quantity
+// and block into `partials[q * n_blocks + b]` (the layout of kernels/lamb.py); a skipped launch writes zeros. A
+// separate launch, segment_sum, then adds each tensor's partials in a fixed order: there is no float atomic, and
+// the same inputs give bitwise the same sums on every run. The two steps stay separate so that under FSDP an
+// all-reduce of the per-tensor sums fits between them.
+//
+// Contributions, accumulators, partials and segment sums are all float64 (Partial): the rules square their fp32
+// values in float64, which is exact and cannot overflow or underflow (an fp32 square can: one finite grad of
+// 1e20 made an fp32 Σg² inf), as the reference's vector_norm(dtype=float64) does (lamb_rule.h says why it is
+// cheap). Only LAMB's rules reduce on this engine.
 //
 // Summation depth, which bounds the rounding error of a sum of non-negative terms (fused_optim/testing.py,
-// sum_sq_rel, derived for the Triton engine: 39 additions per 4096-element block, then ceil(n / 1024) + 15 per
-// segment of n partials); both native engines stay within it:
+// sum_sq_rel: 39 additions per 4096-element block, then ceil(n / 1024) + 15 per segment of n partials, each
+// rounding eps64 = 2^-53); both native engines stay within it:
 //   CPU block:   kCpuLanes = 128 lanes, lane k adding elements k, k + 128, ... in order (32 per 4096-element
 //                block), then a pairwise tree over the lanes (7 levels): depth 39, whatever the ISA or vector width
 //                (each lane is its own accumulator, so vectorizing the loop does not reorder any addition);
@@ -58,6 +63,9 @@ constexpr int kVec = 4;
 // Accumulator lanes of a per-block partial sum on the CPU, and of segment_sum on both engines (see above).
 constexpr int kCpuLanes = 128;
 constexpr int kSegmentLanes = 1024;
+
+// The type of a contribution, a lane, a partial and a segment sum.
+using Partial = double;
 
 // Rule::kPartials, or 0 for a rule without per-block partial sums.
 template <class Rule, class = void>

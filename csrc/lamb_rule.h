@@ -14,15 +14,28 @@
 //     θ   = θ - γ r u                                          (one FMA: fma(-(γ r), u, θ))
 //
 // Passes (PHASE), and bytes per element for fp32 params and grads (the DESIGN.md byte model: 40 B/param):
-//   kNorms  read θ, g, m, v; write m, v; per-block Σθ², Σu² (engine partials, kPartials = 2)         24 B
+//   kNorms  read θ, g, m, v; write m, v; per-block float64 Σθ², Σu² (engine partials, kPartials = 2) 24 B
 //           then segment_sum -> per-tensor ‖θ‖², ‖u‖² (a separate launch: under FSDP the all-reduce goes there)
 //   kApply  read θ, m, v; recompute u (bitwise the u of kNorms: same code, same inputs); write θ       16 B
 //   kFused  layer_adaptation=False: r = 1, moments and update in one pass, as Adam                    28 B
 // With bf16/fp16 params and fp32 master weights θ is the master, and the param is written once, rounded, by the
 // pass that writes θ. A GradScaler adds the write-back of the unscaled grad (+4 B). found_inf skips every pass.
 //
+// Norms in float64. θ² and u² (and g² of the grad pass) are the fp32 values widened to float64 and squared there:
+// exact (a 24-bit significand squared fits in 53 bits; 2^-298 <= x² <= 2^256 is inside float64's range), where an
+// fp32 square overflows or underflows (one finite grad of 1e20 made Σg² inf and c = 0, so every grad of the step
+// was dropped; params or directions of ~1e-24 squared to 0 and gave r = 1 instead of ‖θ‖ / ‖u‖). The engines add
+// them in float64 (engine.h), and the ratio is formed from the float64 sums: the reference's
+// vector_norm(dtype=float64), up to the order of the additions. Why it is cheap: the element math stays fp32, and
+// kNorms adds per element 2 widenings, 2 float64 multiplies and 2 float64 adds (the grad pass: 1 of each) to a pass
+// that moves 24 bytes (4): memory-bound, with compute to spare. The GPUs we target (A100, H100: sm_80, sm_90) run
+// float64 adds and multiplies at half their fp32 rate (the CUDA C++ Programming Guide's table of arithmetic
+// instruction throughput; consumer parts: 1/32 or 1/64): a few float64 ops per element at memory speed use a small
+// part of it. The per-thread accumulators become float64 (2 per thread in kNorms), and the block tree's shared
+// memory 2 KB per quantity. Not yet timed on a GPU: the rows under README.md's Results predate this change.
+//
 // Scalars: the bias corrections 1 - β^t in fp64 rounded to fp32 once (as kernels/lamb.py); the trust ratio from the
-// fp32 per-tensor sums in fp64 (sqrt, division, clamp), then -(γ r) in fp64 rounded to fp32 once. Per-tensor step:
+// float64 per-tensor sums in fp64 (sqrt, division, clamp), then -(γ r) in fp64 rounded to fp32 once. Per-tensor step:
 // every pass reads `step` and uses step + 1; only the pass that writes θ (kApply or kFused) stores it.
 // bias_correction and max_grad_norm are runtime values (a division by 1 and a product with 1 are exact, so one
 // kernel serves both settings with the same bits); the param/grad dtypes, the phase, master weights and the
@@ -56,7 +69,7 @@ struct LambArgs {
   double clip_lo, clip_hi;
   const void* grad_clip;  // null, or c = min(1, max_grad_norm / G): a 1-element fp64 or fp32 tensor
   bool grad_clip_is_double;
-  const float* sums;   // kApply: [2, n_tensors], per-tensor Σθ² then Σu² (segment_sum of kNorms' partials)
+  const Partial* sums;  // kApply: float64 [2, n_tensors], per-tensor Σθ² then Σu² (segment_sum of kNorms' partials)
   int64_t n_tensors;
   const float* grad_scale;  // UNSCALE only: GradScaler's scale (fp32, 1 element)
   const float* found_inf;   // null, or GradScaler's found_inf: nonzero skips the pass
@@ -118,9 +131,9 @@ struct LambRule {
       }
       double r = 1.0;
       if (PHASE == kLambApply) {
-        // The trust ratio of tensor t (You et al., Algorithm 2: ‖θ‖ / ‖u‖), in fp64 from the fp32 sums of squares.
-        const double w_norm = sqrt(static_cast<double>(a.sums[t]));
-        const double u_norm = sqrt(static_cast<double>(a.sums[a.n_tensors + t]));
+        // The trust ratio of tensor t (You et al., Algorithm 2: ‖θ‖ / ‖u‖), in fp64 from the float64 sums of squares.
+        const double w_norm = sqrt(a.sums[t]);
+        const double u_norm = sqrt(a.sums[a.n_tensors + t]);
         r = (w_norm > 0.0 && u_norm > 0.0) ? w_norm / u_norm : 1.0;
         if (a.trust_clip) r = fmin(fmax(r, a.clip_lo), a.clip_hi);  // the paper's φ(z) = min(max(z, γ_l), γ_u)
       }
@@ -146,9 +159,9 @@ struct LambRule {
     return x.weight_decay != 0.0f ? decayed : a;
   }
 
-  // Elements i .. i + N - 1 of tensor x; kNorms leaves θ² and u² of each element in part[0], part[1].
+  // Elements i .. i + N - 1 of tensor x; kNorms leaves θ² and u² of each element in part[0], part[1] (float64).
   template <int N, bool VEC>
-  static FO_HD FO_INLINE void body(const Tensor& x, int64_t i, float (&part)[2][N]) {
+  static FO_HD FO_INLINE void body(const Tensor& x, int64_t i, Partial (&part)[2][N]) {
     float theta[N], m[N], v[N];
     if constexpr (MASTER) {
       load<N, VEC>(x.master_param, i, theta);
@@ -173,9 +186,11 @@ struct LambRule {
     FO_UNROLL
     for (int k = 0; k < N; ++k) {
       const float u = direction(x, theta[k], m[k], v[k]);
-      if constexpr (PHASE == kLambNorms) {
-        part[0][k] = mul_rn(theta[k], theta[k]);
-        part[1][k] = mul_rn(u, u);
+      if constexpr (PHASE == kLambNorms) {  // squared in float64: exact
+        const double theta64 = theta[k];
+        const double u64 = u;
+        part[0][k] = mul_rn(theta64, theta64);
+        part[1][k] = mul_rn(u64, u64);
       } else {
         theta[k] = fma_rn(x.coef, u, theta[k]);  // the reference's theta.add_(u, alpha=-γr): one FMA
       }
@@ -187,13 +202,13 @@ struct LambRule {
   }
 
   template <int N, bool VEC>
-  static FO_HD FO_INLINE void apply(const Tensor& x, int64_t i, float (&part)[2][N]) {
+  static FO_HD FO_INLINE void apply(const Tensor& x, int64_t i, Partial (&part)[2][N]) {
     body<N, VEC>(x, i, part);
   }
 
   template <int N, bool VEC>
   static FO_HD FO_INLINE void apply(const Tensor& x, int64_t i) {
-    float unused[2][N];
+    Partial unused[2][N];
     body<N, VEC>(x, i, unused);
   }
 
@@ -203,7 +218,8 @@ struct LambRule {
 };
 
 // The global gradient norm of max_grad_norm: per-block Σg² of every grad (g divided by the GradScaler's scale
-// first, bitwise the g of kNorms), 4 B/param; segment_sum over all blocks finishes it. found_inf: zeros.
+// first, bitwise the g of kNorms, then squared and summed in float64), 4 B/param; segment_sum over all blocks
+// finishes it. found_inf: zeros.
 struct GradSqArgs {
   const int64_t* grad;
   const float* grad_scale;  // UNSCALE only
@@ -232,12 +248,12 @@ struct GradSqRule {
   static FO_HD FO_INLINE bool aligned(const Tensor& x) { return vec_aligned(x.grad); }
 
   template <int N, bool VEC>
-  static FO_HD FO_INLINE void apply(const Tensor& x, int64_t i, float (&part)[1][N]) {
+  static FO_HD FO_INLINE void apply(const Tensor& x, int64_t i, Partial (&part)[1][N]) {
     float g[N];
     load<N, VEC>(x.grad, i, g);
     FO_UNROLL
     for (int k = 0; k < N; ++k) {
-      const float gk = UNSCALE ? div_rn(g[k], x.grad_scale) : g[k];
+      const double gk = UNSCALE ? div_rn(g[k], x.grad_scale) : g[k];  // fp32 unscale, then widened
       part[0][k] = mul_rn(gk, gk);
     }
   }

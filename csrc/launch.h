@@ -24,34 +24,36 @@ void adam_cpu(const AdamLaunch& launch);
 // (an invalid combination, or the launch error CUDA reported).
 const char* adam_cuda(const AdamLaunch& launch, void* stream);
 
-// One LAMB pass (lamb_rule.h: kLambNorms, kLambApply or kLambFused). `partials`: kLambNorms' [2, n_blocks] output.
+// One LAMB pass (lamb_rule.h: kLambNorms, kLambApply or kLambFused). `partials`: kLambNorms' float64
+// [2, n_blocks] output.
 struct LambLaunch {
   LambArgs args;
   BlockMap map;
-  float* partials;
+  Partial* partials;
   DType param_dtype;
   DType grad_dtype;
   int phase;
   bool master, unscale;
 };
 
-// The grad pass of a global gradient norm: Σg² per block into `partials` [1, n_blocks].
+// The grad pass of a global gradient norm: Σg² per block into float64 `partials` [1, n_blocks].
 struct GradSqLaunch {
   GradSqArgs args;
   BlockMap map;
-  float* partials;
+  Partial* partials;
   DType grad_dtype;
   bool unscale;
 };
 
-// Per-segment sums of per-block partials (engine.h): out[q, s] = sum of partials[q, seg_start[s] .. seg_start[s+1]].
+// Per-segment sums of per-block partials (engine.h): out[q, s] = sum of partials[q, seg_start[s] .. seg_start[s+1]],
+// float64.
 struct SegmentSumLaunch {
-  const float* partials;  // [n_quantities, n_partials]
+  const Partial* partials;  // [n_quantities, n_partials]
   int64_t n_quantities, n_partials;
   const void* seg_start;  // [n_segments + 1], int32 or int64
   bool seg_int64;
   int64_t n_segments;
-  float* out;  // [n_quantities, n_segments]
+  Partial* out;  // [n_quantities, n_segments]
 };
 
 // CPU engine (cpu/lamb_cpu.cpp).

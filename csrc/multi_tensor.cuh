@@ -23,10 +23,10 @@
 // (a reducing rule's partials are written as zeros). Nothing is read back to the host, so a step can be captured
 // in a CUDA graph.
 //
-// Per-block partial sums (engine.h): each thread adds its elements' contributions in its loop order, then the
-// block adds the 256 thread sums in a fixed shared-memory tree and thread 0 writes the block's partial; the
-// per-tensor sums come from segment_sum_kernel, a separate launch (1,024 lanes per segment, then a tree: the order
-// of the CPU engine's segment_sum, so both give the same bits).
+// Per-block partial sums (engine.h), in float64: each thread adds its elements' contributions in its loop order,
+// then the block adds the 256 thread sums in a fixed shared-memory tree (2 KB per quantity) and thread 0 writes the
+// block's partial; the per-tensor sums come from segment_sum_kernel, a separate launch (1,024 lanes per segment,
+// then a tree: the order of the CPU engine's segment_sum, so both give the same bits).
 //
 // Plain CUDA over raw pointers (no ATen): compiled and checked by csrc/check_cuda_compile.sh.
 #pragma once
@@ -45,11 +45,11 @@ constexpr int kThreads = 256;
 
 // Rule::apply on elements i .. i + N - 1, adding their contributions to the thread's sums (reducing rules).
 template <class Rule, int N, bool VEC, int Q>
-__device__ FO_INLINE void apply_at(const typename Rule::Tensor& x, int64_t i, float (&acc)[Q > 0 ? Q : 1]) {
+__device__ FO_INLINE void apply_at(const typename Rule::Tensor& x, int64_t i, Partial (&acc)[Q > 0 ? Q : 1]) {
   if constexpr (Q == 0) {
     Rule::template apply<N, VEC>(x, i);
   } else {
-    float part[Q][N];
+    Partial part[Q][N];
     Rule::template apply<N, VEC>(x, i, part);
     FO_UNROLL
     for (int q = 0; q < Q; ++q) {
@@ -61,8 +61,8 @@ __device__ FO_INLINE void apply_at(const typename Rule::Tensor& x, int64_t i, fl
 
 // The block's sum of each quantity, in a fixed order: the thread sums, then a tree over the threads.
 template <int Q>
-__device__ FO_INLINE void write_block_sums(const float (&acc)[Q], float* partials, int64_t n_blocks, int64_t b) {
-  __shared__ float sums[Q][kThreads];
+__device__ FO_INLINE void write_block_sums(const Partial (&acc)[Q], Partial* partials, int64_t n_blocks, int64_t b) {
+  __shared__ Partial sums[Q][kThreads];
   FO_UNROLL
   for (int q = 0; q < Q; ++q) sums[q][threadIdx.x] = acc[q];
   __syncthreads();
@@ -81,13 +81,13 @@ __device__ FO_INLINE void write_block_sums(const float (&acc)[Q], float* partial
 
 template <class Rule>
 __global__ void __launch_bounds__(kThreads)
-    multi_tensor_kernel(const typename Rule::Args args, const BlockMap map, float* partials) {
+    multi_tensor_kernel(const typename Rule::Args args, const BlockMap map, Partial* partials) {
   constexpr int Q = partials_of<Rule>;
   const int64_t b = blockIdx.x;
   if (Rule::skip(args)) {
     if constexpr (Q > 0) {
       if (threadIdx.x == 0) {
-        for (int q = 0; q < Q; ++q) partials[q * map.n_blocks + b] = 0.0f;
+        for (int q = 0; q < Q; ++q) partials[q * map.n_blocks + b] = 0.0;
       }
     }
     return;
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads)
   // the tensor is), then one element per thread for the tail of the tensor, or for the whole block of a tensor
   // with an unaligned operand. Two copies of the rule's body per kernel, not three: it keeps nvcc's time down.
   const int64_t vec_end = Rule::aligned(x) ? start + (end > start ? (end - start) / kVec * kVec : 0) : start;
-  float acc[Q > 0 ? Q : 1] = {};
+  Partial acc[Q > 0 ? Q : 1] = {};
   for (int64_t i = start + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
        i += static_cast<int64_t>(kThreads) * kVec) {
     apply_at<Rule, kVec, true, Q>(x, i, acc);
@@ -127,10 +127,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Enqueues one launch of `Rule` over the whole block map on `stream`; returns nullptr or CUDA's error message.
-// `partials`: a reducing rule's [kPartials, n_blocks] fp32 output (device memory), unused otherwise.
+// `partials`: a reducing rule's [kPartials, n_blocks] float64 output (device memory), unused otherwise.
 template <class Rule>
 const char* launch(const typename Rule::Args& args, const BlockMap& map, cudaStream_t stream,
-                   float* partials = nullptr) {
+                   Partial* partials = nullptr) {
   if (map.n_blocks == 0) return nullptr;
   multi_tensor_kernel<Rule><<<static_cast<unsigned int>(map.n_blocks), kThreads, 0, stream>>>(args, map, partials);
   const cudaError_t err = cudaGetLastError();
@@ -143,15 +143,15 @@ const char* launch(const typename Rule::Args& args, const BlockMap& map, cudaStr
 // the lanes (1024 -> 512 -> 256) are its own, the other eight go through shared memory.
 template <typename Index>
 __global__ void __launch_bounds__(kThreads)
-    segment_sum_kernel(const float* partials, int64_t n_partials, const Index* seg_start, int64_t n_segments,
-                       float* out) {
+    segment_sum_kernel(const Partial* partials, int64_t n_partials, const Index* seg_start, int64_t n_segments,
+                       Partial* out) {
   static_assert(kSegmentLanes == 4 * kThreads, "four lanes per thread");
   const int64_t s = blockIdx.x;
   const int64_t q = blockIdx.y;
   const int64_t lo = static_cast<int64_t>(seg_start[s]);
   const int64_t hi = static_cast<int64_t>(seg_start[s + 1]);
-  const float* row = partials + q * n_partials;
-  float lane[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const Partial* row = partials + q * n_partials;
+  Partial lane[4] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t j = lo; j < hi; j += kSegmentLanes) {
     FO_UNROLL
     for (int c = 0; c < 4; ++c) {
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   // Level 512: lane t += lane t + 512, lane t + 256 += lane t + 768; level 256: lane t += lane t + 256.
-  __shared__ float sums[kThreads];
+  __shared__ Partial sums[kThreads];
   sums[threadIdx.x] = add_rn(add_rn(lane[0], lane[2]), add_rn(lane[1], lane[3]));
   __syncthreads();
   for (int w = kThreads / 2; w > 0; w /= 2) {
@@ -172,8 +172,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Enqueues segment_sum_kernel for `n_quantities` rows of partials and `n_segments` segments.
 template <typename Index>
-const char* segment_sum(const float* partials, int64_t n_quantities, int64_t n_partials, const Index* seg_start,
-                        int64_t n_segments, float* out, cudaStream_t stream) {
+const char* segment_sum(const Partial* partials, int64_t n_quantities, int64_t n_partials, const Index* seg_start,
+                        int64_t n_segments, Partial* out, cudaStream_t stream) {
   if (n_segments == 0 || n_quantities == 0) return nullptr;
   const dim3 grid(static_cast<unsigned int>(n_segments), static_cast<unsigned int>(n_quantities));
   segment_sum_kernel<Index><<<grid, kThreads, 0, stream>>>(partials, n_partials, seg_start, n_segments, out);

@@ -84,6 +84,26 @@ FO_HD FO_INLINE float fma_rn(float a, float b, float c) {
 // max that propagates NaN from either side, as torch.maximum does.
 FO_HD FO_INLINE float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
+// ---------------------------------------------------------------------------------------------------------------
+// float64 operations, each rounded once: the sums of squares of LAMB's norms (lamb_rule.h, the engines' partial
+// sums). The CUDA intrinsics keep nvcc from contracting a multiply and an add, as the fp32 ones above.
+// ---------------------------------------------------------------------------------------------------------------
+FO_HD FO_INLINE double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+FO_HD FO_INLINE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 FO_HD FO_INLINE uint32_t bits_of(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);

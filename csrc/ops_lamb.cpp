@@ -11,14 +11,14 @@
 //                      ScalarType? param_dtype=None, ScalarType? grad_dtype=None, bool master=False) -> ()
 //
 // One pass of a LAMB step (csrc/lamb_rule.h) over every tensor of a launch group, in place; a step is
-// phase 0 (pass 1: moments, per-block Σθ² and Σu² into `partials` [2, n_blocks]), segment_sum of the partials per
-// tensor, phase 1 (pass 2: θ -= γ r u with r from `sums` [2, n_tensors]); or phase 2 alone (one pass, r = 1, for
-// a group without layer adaptation). The tensor lists declare what a step mutates (the union over the passes), the
-// kernels address the tensors through the tables of fused_optim/tables.py (`tables`: param, grad, exp_avg,
-// exp_avg_sq, master_param, step), as fused_optim::adam_ (ops.cpp). master_params is empty unless the params are
-// bf16/fp16 with fp32 master weights. `lr_tensor`: read instead of `lr` (1 element, fp32 or fp64). `grad_clip`:
-// c = min(1, max_grad_norm / G) (1 element, fp64 or fp32, rounded to fp32), multiplies the grads of the passes
-// that read them. `grad_scale`: the pass that reads the grads divides them by it and writes them back.
+// phase 0 (pass 1: moments, per-block Σθ² and Σu² into float64 `partials` [2, n_blocks]), segment_sum of the
+// partials per tensor, phase 1 (pass 2: θ -= γ r u with r from float64 `sums` [2, n_tensors]); or phase 2 alone
+// (one pass, r = 1, for a group without layer adaptation). The tensor lists declare what a step mutates (the union
+// over the passes), the kernels address the tensors through the tables of fused_optim/tables.py (`tables`: param,
+// grad, exp_avg, exp_avg_sq, master_param, step), as fused_optim::adam_ (ops.cpp). master_params is empty unless
+// the params are bf16/fp16 with fp32 master weights. `lr_tensor`: read instead of `lr` (1 element, fp32 or fp64).
+// `grad_clip`: c = min(1, max_grad_norm / G) (1 element, fp64 or fp32, rounded to fp32), multiplies the grads of
+// the passes that read them. `grad_scale`: the pass that reads the grads divides them by it and writes them back.
 // `found_inf`: nonzero skips every pass (pass 1 then writes zero partials). Nothing is read back to the host.
 // `param_dtype`, `grad_dtype`, `master`: a table-only launch, every list empty (as adam_, ops.cpp).
 //
@@ -26,14 +26,14 @@
 //                         Tensor block_start, Tensor(a!) arrivals, int block, Tensor? grad_scale, Tensor? found_inf,
 //                         Tensor(b!) partials, ScalarType? grad_dtype=None) -> ()
 //
-// Per-block Σg² of every grad (divided by grad_scale first, not written back) into `partials` [1, n_blocks]: the
-// grad pass of the global gradient norm of max_grad_norm. found_inf nonzero: zeros. `grad_dtype`: a table-only
-// launch, `grads` empty.
+// Per-block Σg² of every grad (divided by grad_scale first, not written back) into float64 `partials`
+// [1, n_blocks]: the grad pass of the global gradient norm of max_grad_norm. found_inf nonzero: zeros.
+// `grad_dtype`: a table-only launch, `grads` empty.
 //
 //   fused_optim::segment_sum(Tensor partials, Tensor seg_start) -> Tensor
 //
-// out[q, s] = the sum of partials[q, seg_start[s] : seg_start[s + 1]] (partials fp32 [Q, P] or [P], seg_start
-// int32/int64 [S + 1]), a new fp32 [Q, S] tensor, in the fixed order of csrc/engine.h: deterministic, and the
+// out[q, s] = the sum of partials[q, seg_start[s] : seg_start[s + 1]] (partials float64 [Q, P] or [P], seg_start
+// int32/int64 [S + 1]), a new float64 [Q, S] tensor, in the fixed order of csrc/engine.h: deterministic, and the
 // same bits on CPU and CUDA. With seg_start = TensorTable.first_block: per-tensor sums of per-block partials.
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -16,14 +16,15 @@ namespace fused_optim {
 // The operand tables of fused_optim::lamb_, in the order of fused_optim.native.LAMB_OPERANDS.
 constexpr std::array<const char*, 6> kLambOperands = {"param", "grad", "exp_avg", "exp_avg_sq", "master_param", "step"};
 
-// A float32 tensor of exactly `numel` elements, contiguous, on `device` (a partials or sums buffer).
-inline float* checked_buffer(const at::Tensor& t, const char* what, int64_t numel, const at::Device& device,
-                             const char* op, const char* shape) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == numel && t.is_contiguous() && t.device() == device, op,
-              ": ", what, " must be a contiguous float32 tensor of ", shape, " = ", numel, " elements on ", device,
+// A float64 tensor of exactly `numel` elements, contiguous, on `device` (a partials or sums buffer: the sums of
+// squares are float64, engine.h).
+inline Partial* checked_buffer(const at::Tensor& t, const char* what, int64_t numel, const at::Device& device,
+                               const char* op, const char* shape) {
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.numel() == numel && t.is_contiguous() && t.device() == device, op,
+              ": ", what, " must be a contiguous float64 tensor of ", shape, " = ", numel, " elements on ", device,
               ", got ", t.scalar_type(), " ", t.sizes(), (t.is_contiguous() ? "" : " (not contiguous)"), " on ",
               t.device());
-  return t.data_ptr<float>();
+  return t.data_ptr<Partial>();
 }
 
 // Checks every argument of fused_optim::lamb_ and fills the launch. `host_tables`: see check_block_map.
@@ -155,9 +156,9 @@ inline GradSqLaunch make_grad_sq_launch(at::TensorList grads, const at::Tensor& 
 inline SegmentSumLaunch make_segment_sum_launch(const at::Tensor& partials, const at::Tensor& seg_start, at::Tensor& out,
                                                 bool host_index) {
   constexpr const char* op = "fused_optim::segment_sum";
-  TORCH_CHECK(partials.scalar_type() == at::kFloat && partials.is_contiguous() &&
+  TORCH_CHECK(partials.scalar_type() == at::kDouble && partials.is_contiguous() &&
                   (partials.dim() == 1 || partials.dim() == 2),
-              op, ": partials must be a contiguous float32 tensor of [n_quantities, n_partials] (or [n_partials]), got ",
+              op, ": partials must be a contiguous float64 tensor of [n_quantities, n_partials] (or [n_partials]), got ",
               partials.scalar_type(), " ", partials.sizes());
   TORCH_CHECK((seg_start.scalar_type() == at::kInt || seg_start.scalar_type() == at::kLong) && seg_start.dim() == 1 &&
                   seg_start.numel() >= 1 && seg_start.is_contiguous() && seg_start.device() == partials.device(),
@@ -179,9 +180,9 @@ inline SegmentSumLaunch make_segment_sum_launch(const at::Tensor& partials, cons
     }
   }
   out = at::empty({l.n_quantities, l.n_segments}, partials.options());
-  l.partials = partials.data_ptr<float>();
+  l.partials = partials.data_ptr<Partial>();
   l.seg_start = seg_start.data_ptr();
-  l.out = out.data_ptr<float>();
+  l.out = out.data_ptr<Partial>();
   return l;
 }
 

@@ -55,11 +55,12 @@ class FusedLAMB(FusedOptimizer):
     **Kernels** (``backend="triton"``, and ``"native"``: csrc/lamb_rule.h on the CUDA and CPU engines, the same
     passes and op order): two passes over the tensors, 40 bytes per fp32 param: pass 1 reads
     θ, g, m, v, writes m, v and per-block partial sums of θ² and u²; a deterministic segment sum turns them into
-    per-tensor norms; pass 2 recomputes u and writes θ. ``max_grad_norm`` adds one read of every grad (4 B/param)
-    and keeps G and c on the device: no host synchronization anywhere, so a step can be captured in a CUDA graph
-    (tested on a GPU by tests/test_lamb.py, tests marked ``gpu``). A group with
-    ``layer_adaptation=False`` needs no norms and takes one pass (28 B/param). The same inputs give bitwise the
-    same result on every run.
+    per-tensor norms; pass 2 recomputes u and writes θ. The squares and every sum of them are float64, as in the
+    reference (an fp32 square overflows from |x| ~ 1.8e19 and vanishes below ~2.6e-23), the element math fp32.
+    ``max_grad_norm`` adds one read of every grad (4 B/param) and keeps G and c on the device: no host
+    synchronization anywhere, so a step can be captured in a CUDA graph (tested on a GPU by tests/test_lamb.py,
+    tests marked ``gpu``). A group with ``layer_adaptation=False`` needs no norms and takes one pass (28 B/param).
+    The same inputs give bitwise the same result on every run.
 
     **apex's FusedLAMB** (``use_nvlamb=False``, its default) adapts only the params whose group has
     ``weight_decay != 0`` and clips with ``max_grad_norm=1.0``. The same here, with two param groups::
@@ -220,9 +221,9 @@ class FusedLAMB(FusedOptimizer):
 
     def _step_hyperparameters(self, buckets, scaler):
         """With max_grad_norm: c = min(1, max_grad_norm / G) over every grad of every bucket, as a 0-d float64
-        tensor on each bucket's device. Each bucket's Σg² is computed by its backend on its device; the sums are
-        added in float64 on the first bucket's device, in bucket order (deterministic), with torch ops: no value
-        is read back to the host."""
+        tensor on each bucket's device. Each bucket's Σg² is computed by its backend on its device (float64 squares
+        and sums on every backend); the sums are added in float64 on the first bucket's device, in bucket order
+        (deterministic), with torch ops: no value is read back to the host."""
         max_grad_norm = self.param_groups[0]["max_grad_norm"]  # the same in every group (_check_groups)
         if max_grad_norm is None:
             return {}

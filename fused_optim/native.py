@@ -254,9 +254,9 @@ LAMB_NORMS, LAMB_APPLY, LAMB_FUSED = 0, 1, 2  # the passes of csrc/lamb_rule.h
 
 def lamb(table, operands, hp: dict, *, grad_scale=None, found_inf=None, tables_only=None) -> None:
     """One LAMB step over every tensor of ``table`` (operands as in ``LAMB_OPERANDS``), as kernels/lamb.py does it:
-    pass 1 (moments, per-block partial sums of θ² and u²), ``segment_sum`` (per-tensor sums of squares, a separate
-    step: under FSDP an all-reduce of ``sums`` over the shard group goes there), pass 2 (θ -= γ r u); or one fused
-    pass for a group without layer adaptation. 3 (or 1) launches, whatever the number of tensors.
+    pass 1 (moments, per-block float64 partial sums of θ² and u²), ``segment_sum`` (per-tensor sums of squares, a
+    separate step: under FSDP an all-reduce of ``sums`` over the shard group goes there), pass 2 (θ -= γ r u); or
+    one fused pass for a group without layer adaptation. 3 (or 1) launches, whatever the number of tensors.
 
     ``hp``: lr (float or a 0-d tensor on the params' device), beta1, beta2, eps, weight_decay, bias_correction,
     trust_clip (None or (lo, hi)), layer_adaptation, grad_clip (None, or c = min(1, max_grad_norm / G) as a 0-d
@@ -280,7 +280,7 @@ def lamb(table, operands, hp: dict, *, grad_scale=None, found_inf=None, tables_o
     if not hp["layer_adaptation"]:
         _launch(op, *head, LAMB_FUSED, *scalars, None, None, grad_scale, found_inf, *tail)
         return
-    partials = torch.empty((2, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    partials = torch.empty((2, table.n_blocks), dtype=torch.float64, device=table.numels.device)
     _launch(op, *head, LAMB_NORMS, *scalars, partials, None, grad_scale, found_inf, *tail)
     # Per tensor: sums[0, i] = ||θ_i||², sums[1, i] = ||u_i||² (fixed order: deterministic; sums add across shards).
     sums = segment_sum(partials, table.first_block)
@@ -292,8 +292,9 @@ lamb.TABLES_ONLY = True
 
 
 def segment_sum(partials: Tensor, seg_start: Tensor) -> Tensor:
-    """``out[q, s]`` = the sum of ``partials[q, seg_start[s]:seg_start[s + 1]]`` (fp32 [Q, P]; int32/int64
-    [S + 1]), as a new [Q, S] tensor: one launch, a fixed order (csrc/engine.h), the same bits on CPU and CUDA."""
+    """``out[q, s]`` = the sum of ``partials[q, seg_start[s]:seg_start[s + 1]]`` (float64 [Q, P]; int32/int64
+    [S + 1]), as a new float64 [Q, S] tensor: one launch, a fixed order (csrc/engine.h), the same bits on CPU and
+    CUDA."""
     load()
     LAUNCHES["count"] += 1
     return torch.ops.fused_optim.segment_sum(partials, seg_start)
@@ -301,12 +302,13 @@ def segment_sum(partials: Tensor, seg_start: Tensor) -> Tensor:
 
 def grad_sq_norm(table, grads: list | None, *, grad_scale=None, found_inf=None, grad_dtype=None) -> Tensor:
     """Σ g² over every grad of ``table`` (``grads``: the tensors of its ``grad`` operand; each divided by
-    ``grad_scale`` first, as pass 1 of ``lamb`` divides it), a 0-d fp32 tensor on their device: the per-block
-    partials, then one segment over all of them. Two launches, no host synchronization, deterministic; 0 when
-    ``found_inf`` is set (the step is skipped). ``grad_dtype`` instead of ``grads``: a table-only launch, for a
-    caller (the optimizer's step plan) that checked the grads against the table this step."""
+    ``grad_scale`` first, as pass 1 of ``lamb`` divides it), a 0-d float64 tensor on their device (squares and sums
+    in float64): the per-block partials, then one segment over all of them. Two launches, no host synchronization,
+    deterministic; 0 when ``found_inf`` is set (the step is skipped). ``grad_dtype`` instead of ``grads``: a
+    table-only launch, for a caller (the optimizer's step plan) that checked the grads against the table this
+    step."""
     load()
-    partials = torch.empty((1, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    partials = torch.empty((1, table.n_blocks), dtype=torch.float64, device=table.numels.device)
     _launch(torch.ops.fused_optim.grad_sq_, [] if grads is None else grads, table.ptrs["grad"], table.numels,
             table.block_tensor, table.block_start, table.arrivals, table.block, grad_scale, found_inf, partials,
             grad_dtype)

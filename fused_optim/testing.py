@@ -67,6 +67,7 @@ __all__ = ["ulp", "theta_atol", "state_atol", "assert_close_atol", "assert_withi
            "global_clip_f64", "lamb_step_f64", "lamb_moment_bounds", "lamb_theta_bound", "worst_row", "lamb_parity"]
 
 EPS32 = 2.0 ** -24
+EPS64 = 2.0 ** -53
 UPDATE_BOUND = 10.0  # |u| <= UPDATE_BOUND * lr, see above
 
 
@@ -203,21 +204,34 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # ----------------------------------------------------------------------------------------------------------------
 # LAMB's update is Adam's element math times a per-tensor ratio of norms: r = ||theta|| / ||u||. The element
 # math of the kernel and the reference is the same sequence of fp32 operations (as Adam's, see
-# fused_optim/testing.py); the norms are not: the reference sums squares in float64 (exact to ~2^-53, an
-# order-free value) and the kernel sums fp32 squares in a fixed tree of its own. So the parity tests bound each
-# norm's summation error and propagate it.
+# fused_optim/testing.py); the norms are float64 sums of squares on both sides, added in different orders: the
+# reference in torch's (vector_norm(dtype=float64), sum), the kernel in a fixed tree of its own. So the parity
+# tests bound each norm's summation error and propagate it.
 #
-# Summation. Each block of BLOCK = 4096 elements is summed in an order fixed by its engine (csrc/engine.h,
-# kernels/engine.py); the deepest is the native CPU engine's: 128 lanes, each adding its 32 elements in sequence,
-# then a 7-level tree over the lanes, a depth of 32 + 7 = 39 additions. The others are shallower: the Triton kernels
-# walk a block in 4 pieces of 1,024 elements, each lane adding its element of every piece (3 roundings: the first
-# adds to zero), then ``tl.sum`` over the 1,024 lanes in 256 threads (4 per thread, then 5 + 3 levels of warp
-# butterfly and cross-warp tree): 15 (the interpreter's numpy pairwise sum is shallower still); the native CUDA engine, 256 threads of 16 elements (17 with
-# a tensor's tail) then an 8-level tree: at most 25. ``segment_sum`` adds a tensor's n_b block partials:
-# ceil(n_b / 1024) additions per lane of its 1024-wide accumulator, then a tree over 1024 lanes (at most 8 + 7 in
-# Triton's tl.sum, 10 in the native one). Squaring rounds once more. For a sum of non-negative terms, every path of
-# depth d gives |S~ - S| <= d eps32 S (first order), so with d = 1 + 39 + ceil(n_b / 1024) + 15 for every backend:
-#     ||x||~  = ||x|| (1 + delta),  |delta| <= d eps32 / 2          (sqrt halves a relative error)
+# Summation. Both sides widen each fp32 value to float64 and square it there, exactly: a 24-bit significand
+# squared fits in float64's 53 bits, and 2^-298 <= x^2 <= 2^256 for every non-zero finite fp32 x, inside float64's
+# normal range (an fp32 square overflows from |x| ~ 1.8e19 and vanishes below ~2.6e-23: why the kernels no longer
+# square in fp32). Only the additions round, each by at most eps64 = 2^-53 relative. For a sum of non-negative
+# terms in which no term passes through more than d additions, |S~ - S| <= d eps64 S to first order (Higham,
+# "Accuracy and Stability of Numerical Algorithms", 2nd ed., section 4.2). The kernel's d: each block of
+# BLOCK = 4096 elements is summed in an order fixed by its engine (csrc/engine.h, kernels/engine.py); the deepest
+# is the native CPU engine's: 128 lanes, each adding its 32 elements in sequence, then a 7-level tree over the
+# lanes, a depth of 32 + 7 = 39 additions. The others are shallower: the Triton kernels walk a block in 4 pieces of
+# 1,024 elements, each lane adding its element of every piece (3 roundings: the first adds to zero), then
+# ``tl.sum`` over the 1,024 lanes in 256 threads (4 per thread, then 5 + 3 levels of warp butterfly and cross-warp
+# tree): 15 (the interpreter's numpy pairwise sum is shallower still); the native CUDA engine, 256 threads of 16
+# elements (17 with a tensor's tail) then an 8-level tree: at most 25. ``segment_sum`` adds a tensor's n_b block
+# partials: ceil(n_b / 1024) additions per lane of its 1024-wide accumulator, then a tree over 1024 lanes (at most
+# 8 + 7 in Triton's tl.sum, 10 in the native one): d_k = 39 + ceil(n_b / 1024) + 15 for every backend. The
+# reference's d: torch's order is its own, but no term of a sum of n terms passes through more than n - 1
+# additions, and n <= 4096 n_b; the global Σg² adds each grad's sum, then the buckets' (at most n_b each): d_r <=
+# 4098 n_b. So the kernel's and the reference's sums of the same squares differ by at most (d_k + d_r) eps64
+# relative, each norm by half that (sqrt halves a relative error), and a ratio of two norms by the sum of the two
+# halves plus the roundings of its fp64 square roots and division (3 on each side; c = kappa / G has 2):
+#     |S~ / S~_ref - 1|,  |r~ / r~_ref - 1|  <=  sum_sq_rel(n_b) = (d_k + d_r + 6) eps64
+# 5.0e-10 for 1,101 blocks (4.5M elements, the GPU test), 4.6e-13 for one block, against 6e-8 for one fp32
+# rounding: the norms hardly count next to the element math. (While the kernels summed fp32 squares, the bound was
+# (1 + d_k) eps32, 3.3e-6 for one block.)
 #
 # Direction. Kernel and reference compute u_i = a_i + lambda theta_i, a = m^ / (sqrt(v^) + eps), from the same
 # fp32 m, v, theta. Counting the largest difference per operation (torch's CPU sqrt may be 1 ulp off, CUDA divides
@@ -225,10 +239,9 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # u_i = fma(lambda, theta_i, a_i) by <= K_U eps32 (|a_i| + lambda |theta_i|), K_U = 14: relative to |a| + lambda|theta|
 # and not to |u|, because u may cancel.
 #
-# Ratio. r~ / r - 1 <= rho = sum_sq_rel(n_b) + K_U eps32 || |a| + lambda |theta| || / ||u||  (d eps32 / 2 for
-# each of the two norms; first order; the ratio itself, a square root and a division, is computed in fp64 from the
-# fp32 sums on both sides). A trust_clip clamp is 1-Lipschitz, and r = 1 (no adaptation, or a zero norm) is exact
-# on both sides.
+# Ratio. r~ / r - 1 <= rho = sum_sq_rel(n_b) + K_U eps32 || |a| + lambda |theta| || / ||u||  (the two norms'
+# summation gaps and the fp64 roundings of the ratio, from the float64 sums on both sides; first order). A
+# trust_clip clamp is 1-Lipschitz, and r = 1 (no adaptation, or a zero norm) is exact on both sides.
 #
 # Update. theta' = fma(-(gamma r) rounded to fp32, u_i, theta_i) on both sides, so one step from the same state:
 #     |theta'~_i - theta'_i| <= gamma r K_U eps32 (|a_i| + lambda |theta_i|) + gamma r |u_i| (rho + 2 eps32)
@@ -241,12 +254,12 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # (``lamb_step_f64`` of the state before the step), times 1 + 1e-3 for the neglected products of two gaps (each
 # gap is < 1e-4 relative).
 #
-# Global norm (max_grad_norm). G^2 is one segment over every block of a bucket: d = 1 + 39 + ceil(n_blocks / 1024)
-# + 15, |G~^2 / G^2 - 1| <= d eps32, tested directly. With grads whose squares sum exactly in fp32 in any order
-# (small integers times one power of two, ``exact_grads``, while the integer total stays below 2^24) both sides get
-# the same c and nothing is added. Otherwise the fused c differs from the reference's (float64 sums, exact to
-# ~n 2^-53): G = sqrt(G^2) halves the relative error, c = min(1, kappa / G) keeps it (min is 1-Lipschitz), and each
-# side rounds c to fp32 and then g c (2 eps32 each): every clipped grad differs by
+# Global norm (max_grad_norm). G^2 is one segment over every block of a bucket, in float64 on both sides as
+# above: |G~^2 / G^2 - 1| <= sum_sq_rel(n_blocks), tested directly. With grads whose squares sum exactly in float64
+# in any order (small integers times one power of two, ``exact_grads``, while the integer total stays below 2^53)
+# both sides get the same c and nothing is added. Otherwise the fused c differs from the reference's: G =
+# sqrt(G^2) halves the relative error, c = min(1, kappa / G) keeps it (min is 1-Lipschitz), and each side rounds c
+# to fp32 and then g c (2 eps32 each): every clipped grad differs by
 #     delta_c = sum_sq_rel(n_blocks of the optimizer) / 2 + 4 eps32      (relative, ``lamb_clip_gap``)
 # Its effect goes through the moments: |dm| <= (1 - beta1) |g c| delta_c, |dv| <= (1 - beta2) (gc)^2 (2 delta_c +
 # delta_c^2), and from them through a (the "moment channel" below).
@@ -287,11 +300,13 @@ def adafactor_gaps(shape, t: int, *, theta_sq_gap: float = 0.0, scale_parameter:
 # real gap propagates. Accumulated: D is the bound carried from the previous step, from D = 0 at the start: the
 # closed form of how far the two trajectories may drift in t steps. Every coefficient of D is >= 0, so passing the
 # first at every step implies passing the second; the second says how much room the accumulation leaves.
-# Measured on the test configurations (tests/test_lamb.py::test_parity_end_to_end, seeds 0-2): the per-step
-# ratio gap / bound reaches 0.96-0.99 on fp32 values (a one-ulp rounding difference against a bound of about an
-# ulp), the accumulated one 0.55-0.78 (at the first step, where it is the one-step bound) and 0.05-0.08 after 20
-# steps: the bound adds every step's worst-case rounding, while the measured gap stays at about an ulp. An lr off
-# by 1e-6 relative fails both at the first step.
+# Measured on the test configurations (tests/test_lamb.py::test_parity_end_to_end, seeds 0-2, triton and native
+# alike, float64 norms): the per-step ratio gap / bound reaches 0.66-0.87 on fp32 values (a one-ulp rounding
+# difference against a bound of about an ulp), the accumulated one at most 0.49 at the first step (where it is
+# the one-step bound) and 0.03-0.05 after 20 steps: the bound adds every step's worst-case rounding, while the
+# measured gap stays at about an ulp; the moments agree bitwise (the same clip coefficient on both sides). With
+# the fp32 norms of before, and their bound: 0.96-0.99, 0.55-0.78 and 0.05-0.08. An lr off by 1e-6 relative fails
+# both at the first step (1e-7 does not).
 #
 # bf16/fp16 params: with master weights the master carries D and the param is its rounding (+1 ulp of the dtype,
 # as above). Without master weights the param is rounded to its dtype every step: the per-step check adds that
@@ -312,10 +327,13 @@ def reduction_depth(lanes: int, threads: int = LAMB_THREADS) -> int:
 
 
 def sum_sq_rel(n_blocks: int, block: int = 4096, chunk: int = 1024) -> float:
-    """Relative error bound of a kernel's sum of squares over ``n_blocks`` blocks (per-block sums, then one
-    segment of segment_sum), for every backend."""
-    depth = 1 + reduction_depth(block) + -(-max(n_blocks, 1) // chunk) + reduction_depth(chunk)
-    return depth * EPS32
+    """Bound on the relative gap between a kernel's float64 sum of squares over ``n_blocks`` blocks (per-block sums,
+    then one segment of segment_sum) and the reference's float64 sum of the same squares, the fp64 roundings of
+    the ratio (or clip coefficient) formed from them included, for every backend (see above)."""
+    n_blocks = max(n_blocks, 1)
+    kernel = reduction_depth(block) + -(-n_blocks // chunk) + reduction_depth(chunk)
+    reference = (block + 2) * n_blocks
+    return (kernel + reference + 6) * EPS64
 
 
 def n_blocks(numel: int, block: int = 4096) -> int:
@@ -713,9 +731,9 @@ def lamb_parity(cls, backend: str, dtype: torch.dtype, group_kwargs, *, shapes, 
             pf.grad, pr.grad = g.clone(), g.clone()
         g64 = [p.grad.double().cpu().numpy() for p in ref_params]
         c = global_clip_f64(g64, max_grad_norm)
-        # The clip gap: 0 without clipping, or when every partial sum of Σg² is an exact fp32 number (integers
-        # times 2^-8, at most 2^24 of them); else lamb_clip_gap.
-        exact_sum = exact_grads and sum(float(np.square(g * 16).sum()) for g in g64) <= 2.0 ** 24
+        # The clip gap: 0 without clipping, or when every partial sum of Σg² is an exact float64 number (integers
+        # times 2^-8, at most 2^53 of them); else lamb_clip_gap.
+        exact_sum = exact_grads and sum(float(np.square(g * 16).sum()) for g in g64) <= 2.0 ** 53
         delta_c = 0.0 if max_grad_norm is None or exact_sum else lamb_clip_gap(blocks_total)
         before_f, before = _lamb_snapshot(fused, fused_params), _lamb_snapshot(ref, ref_params)
         fused.step()

@@ -212,12 +212,13 @@ SEGMENT_CHUNK = 1024
 
 @triton.jit
 def _segment_sum_kernel(partials, seg_start, out, n_partials, n_segments, CHUNK: tl.constexpr):
-    """out[q, s] = sum(partials[q, seg_start[s] : seg_start[s + 1]]) for quantity q = program_id(1)."""
+    """out[q, s] = sum(partials[q, seg_start[s] : seg_start[s + 1]]) for quantity q = program_id(1), summed in the
+    dtype of ``partials``."""
     s = tl.program_id(0)
     q = tl.program_id(1).to(tl.int64)
     lo = tl.load(seg_start + s).to(tl.int64)
     hi = tl.load(seg_start + s + 1).to(tl.int64)
-    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    acc = tl.zeros([CHUNK], dtype=partials.dtype.element_ty)
     row = partials + q * n_partials
     for i in range(lo, hi, CHUNK):
         offs = i + tl.arange(0, CHUNK).to(tl.int64)
@@ -226,16 +227,16 @@ def _segment_sum_kernel(partials, seg_start, out, n_partials, n_segments, CHUNK:
 
 
 def segment_sum(partials: torch.Tensor, seg_start: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-segment sums of ``partials`` (fp32, shape ``[Q, P]``): ``out[q, s]`` sums
-    ``partials[q, seg_start[s]:seg_start[s+1]]`` (``seg_start``: int32/int64 ``[S + 1]``, non-decreasing).
-    One launch of S x Q programs; deterministic. With a table, ``seg_start = table.first_block`` gives per-tensor
-    sums of per-block partials."""
+    """Per-segment sums of ``partials`` (float32 or float64, shape ``[Q, P]``; LAMB's are float64): ``out[q, s]``
+    sums ``partials[q, seg_start[s]:seg_start[s+1]]`` in the dtype of ``partials`` (``seg_start``: int32/int64
+    ``[S + 1]``, non-decreasing). One launch of S x Q programs; deterministic. With a table, ``seg_start =
+    table.first_block`` gives per-tensor sums of per-block partials."""
     if partials.dim() == 1:
         partials = partials.unsqueeze(0)
     n_q, n_p = partials.shape
     n_s = seg_start.numel() - 1
     if out is None:
-        out = torch.empty((n_q, n_s), dtype=torch.float32, device=partials.device)
+        out = torch.empty((n_q, n_s), dtype=partials.dtype, device=partials.device)
     if n_s > 0 and n_q > 0:
         launch_grid(_segment_sum_kernel, (n_s, n_q), (partials, seg_start, out, n_p, n_s), dict(CHUNK=SEGMENT_CHUNK))
     return out

@@ -14,10 +14,10 @@ the roundings of the reference (``fused_optim/reference/lamb.py``):
 
 Passes, and bytes per element for fp32 params and grads (the DESIGN.md byte model: 40 B/param):
 
-    [global norm]  only with max_grad_norm: read g -> per-block Σg²                                   4 B
+    [global norm]  only with max_grad_norm: read g -> per-block Σg² (float64)                         4 B
                    segment_sum -> one Σg² per bucket; FusedLAMB adds the buckets and forms c on the device
-    pass 1 NORMS   read θ, g, m, v; write m, v; per-block Σθ², Σu² into ``partials[2, n_blocks]``   24 B
-                   segment_sum(partials, first_block) -> ``sums[2, n_tensors]``: per-tensor ‖θ‖², ‖u‖²
+    pass 1 NORMS   read θ, g, m, v; write m, v; per-block Σθ², Σu² into float64 ``partials[2, n_blocks]``  24 B
+                   segment_sum(partials, first_block) -> float64 ``sums[2, n_tensors]``: per-tensor ‖θ‖², ‖u‖²
                    (under FSDP, an all-reduce of ``sums`` over the shard group goes exactly here)
     pass 2 APPLY   read θ, m, v; recompute u (bitwise the u of pass 1: same code, same inputs); write θ   16 B
     A param group with ``layer_adaptation=False`` has r = 1 and needs no norm: one FUSED pass, 28 B, as Adam.
@@ -34,6 +34,20 @@ Determinism: each block walks its elements in pieces of SUB (kernels/engine.py);
 order, then ``tl.sum`` (a fixed tree for a compiled kernel) writes the block's sum into its own slot of
 ``partials``; ``engine.segment_sum`` adds each tensor's slots in a fixed order. No float atomics: the same
 inputs give bitwise the same norms, ratios and params on every run.
+
+The sums of squares (Σθ², Σu², Σg²) are float64 from the square on: an fp32 value widened to float64 squares
+exactly (24-bit significands, and 2^-298 <= x² <= 2^256 stays inside float64's range), and the partial sums, the
+segment sums and the ratio stay float64 to the end, as the reference's ``vector_norm(dtype=float64)``. In fp32
+the squares over- and underflow where the norms do not: one finite grad of 1e20 made Σg² = inf (c = 0, every
+grad of the step dropped), params or directions of ~1e-24 squared to 0 (r = 1 instead of ‖θ‖ / ‖u‖).
+Why it is cheap: the element math stays fp32, and per element pass 1 adds only 2 widenings, 2 float64 multiplies
+and 2 float64 adds (the grad pass: 1 of each) to a pass that moves 24 bytes (the grad pass: 4): memory-bound, with
+compute to spare. The GPUs we target (A100, H100: sm_80, sm_90) run float64 adds and multiplies at half their
+fp32 rate (the CUDA C++ Programming Guide's table of arithmetic instruction throughput; consumer parts: 1/32 or
+1/64): a few float64 ops per element at memory speed use a small part of it. Only the accumulators are float64
+(2 x 4 per thread in pass 1: 16 registers instead of 8; ``python -m fused_optim.kernels.compile_check
+--resources`` reports the kernels). Not yet timed on a GPU: the rows under README.md's Results predate this
+change.
 
 The scalars (bias corrections, trust ratio, γ r) are computed in fp64 from fp64 hyperparameters and rounded to
 fp32 once, as the reference does on the host; the element math is fp32 with IEEE division and square root and
@@ -75,8 +89,8 @@ def _lamb_block(
     MASKED: tl.constexpr, PHASE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, MASTER: tl.constexpr,
     UNSCALE: tl.constexpr, GRAD_CLIP: tl.constexpr,
 ):
-    """One piece of a block in one pass. Returns the piece's θ² and u² per element (NORMS: 0 in lanes past the
-    tensor's end; unused by the other passes)."""
+    """One piece of a block in one pass. NORMS returns the piece's θ² and u² per element in float64 (exact squares
+    of the fp32 values; 0 in lanes past the tensor's end); what the other passes return is not used."""
     theta_ptr = master if MASTER else param
     theta = engine.load(theta_ptr, offs, mask, MASKED)
     if PHASE == APPLY:
@@ -97,13 +111,18 @@ def _lamb_block(
 
     u = _direction(theta, m, v, bc1, bc2, eps, wd, BIAS_CORRECTION)
 
-    tt = theta * theta
-    uu = u * u
     if PHASE == NORMS:
+        # Widened before squaring: exact, and no fp32 overflow or underflow (module docstring).
+        theta64 = theta.to(tl.float64)
+        u64 = u.to(tl.float64)
+        tt = theta64 * theta64
+        uu = u64 * u64
         if MASKED:  # lanes past the tensor's end hold no element
             tt = tl.where(mask, tt, 0.0)
             uu = tl.where(mask, uu, 0.0)
     else:
+        tt = theta  # placeholders: only NORMS sums squares (PHASE is a compile-time constant)
+        uu = theta
         theta = tl.fma(coef, u, theta)  # the reference's theta.add_(u, alpha=-γr): one FMA
         engine.store(theta_ptr, offs, theta, mask, MASKED)
         if MASTER:
@@ -152,9 +171,9 @@ def _lamb_kernel(
                 lr = tl.load(lr_ptr).to(tl.float64)
             r = tl.full([], 1.0, tl.float64)
             if PHASE == APPLY:
-                # The trust ratio of tensor t from its sums of squares, in fp64 as the reference's.
-                w_norm = tl.sqrt(tl.load(sum_theta + t).to(tl.float64))
-                u_norm = tl.sqrt(tl.load(sum_u + t).to(tl.float64))
+                # The trust ratio of tensor t from its float64 sums of squares, in fp64 as the reference's.
+                w_norm = tl.sqrt(tl.load(sum_theta + t))
+                u_norm = tl.sqrt(tl.load(sum_u + t))
                 both = (w_norm > 0.0) & (u_norm > 0.0)
                 r = tl.where(both, w_norm / tl.where(both, u_norm, 1.0), 1.0)
                 if TRUST_CLIP:
@@ -177,9 +196,10 @@ def _lamb_kernel(
         scalars = (grad_scale_ptr, grad_clip, bc1, bc2, coef, weight_decay.to(tl.float32),
                    beta1.to(tl.float32), (1.0 - beta1).to(tl.float32),
                    beta2.to(tl.float32), (1.0 - beta2).to(tl.float32), eps.to(tl.float32))
-        # NORMS: each lane of the piece adds its element's squares in piece order, then one tl.sum per quantity.
-        acc_theta = tl.zeros([SUB], tl.float32)
-        acc_u = tl.zeros([SUB], tl.float32)
+        # NORMS: each lane of the piece adds its element's squares in piece order, then one tl.sum per quantity;
+        # float64 accumulators (module docstring), the only float64 values of the element loop.
+        acc_theta = tl.zeros([SUB], tl.float64)
+        acc_u = tl.zeros([SUB], tl.float64)
         if full:
             for k in range(0, BLOCK, SUB):
                 offs, mask = engine.piece(start, k, n, SUB)
@@ -241,11 +261,11 @@ def lamb(table: engine.TensorTable, hp: dict, *, param_dtype, grad_dtype, master
         engine.launch(_lamb_kernel, table, *operands, None, None, None, None, *scalars, PHASE=FUSED.value, **flags)
         return
 
-    # Pass 1: moments, and each block's Σθ², Σu² in its own slot (row 0: θ, row 1: u).
-    partials = torch.empty((2, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    # Pass 1: moments, and each block's Σθ², Σu² in its own slot (row 0: θ, row 1: u), float64.
+    partials = torch.empty((2, table.n_blocks), dtype=torch.float64, device=table.numels.device)
     engine.launch(_lamb_kernel, table, *operands, partials[0], partials[1], None, None, *scalars,
                   PHASE=NORMS.value, **flags)
-    # The per-tensor reduction, a visible step: sums[0, i] = ‖θ_i‖², sums[1, i] = ‖u_i‖². Sums of squares add
+    # The per-tensor reduction, a visible step: sums[0, i] = ‖θ_i‖², sums[1, i] = ‖u_i‖² (float64). Sums of squares add
     # across shards, so under FSDP an all-reduce(SUM) of ``sums`` over the shard group is all LAMB needs here.
     sums = engine.segment_sum(partials, table.first_block)
     # Pass 2: the update with the trust ratio.
@@ -264,6 +284,7 @@ def _grad_sq_piece(grad, offs, mask, grad_scale_ptr, MASKED: tl.constexpr, UNSCA
     g = engine.load(grad, offs, mask, MASKED)
     if UNSCALE:
         g = tl.div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))  # the g of pass 1, bitwise
+    g = g.to(tl.float64)  # squared exactly, summed in float64: one grad of 1e20 must not make Σg² inf
     gg = g * g
     if MASKED:
         gg = tl.where(mask, gg, 0.0)
@@ -277,7 +298,7 @@ def _grad_sq_kernel(
     BLOCK: tl.constexpr, SUB: tl.constexpr, ALIGNED: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     UNSCALE: tl.constexpr, SKIP_IF_INF: tl.constexpr,
 ):
-    acc = tl.zeros([SUB], tl.float32)  # summed as pass 1 sums θ²: lane-wise over the pieces, then one tl.sum
+    acc = tl.zeros([SUB], tl.float64)  # summed as pass 1 sums θ²: lane-wise over the pieces, then one tl.sum
     skip = 0.0
     if SKIP_IF_INF:  # the step is skipped: read nothing, contribute 0
         skip = tl.load(found_inf_ptr).to(tl.float32)
@@ -296,9 +317,10 @@ def _grad_sq_kernel(
 
 
 def grad_sq_norm(table: engine.TensorTable, *, grad_dtype, grad_scale=None, found_inf=None) -> torch.Tensor:
-    """Σ g² over every grad of ``table`` (g divided by ``grad_scale`` first, as pass 1 divides it), a 0-d fp32
-    device tensor; two launches (the grad pass and one segment sum), no host synchronization, deterministic."""
-    partials = torch.empty((1, table.n_blocks), dtype=torch.float32, device=table.numels.device)
+    """Σ g² over every grad of ``table`` (g divided by ``grad_scale`` first, as pass 1 divides it), a 0-d float64
+    device tensor (squares and sums in float64); two launches (the grad pass and one segment sum), no host
+    synchronization, deterministic."""
+    partials = torch.empty((1, table.n_blocks), dtype=torch.float64, device=table.numels.device)
     engine.launch(_grad_sq_kernel, table, table.ptrs["grad"], partials, grad_scale, found_inf,
                   GRAD_DTYPE=engine.tl_dtype(grad_dtype), UNSCALE=grad_scale is not None,
                   SKIP_IF_INF=found_inf is not None)

@@ -27,7 +27,8 @@ from fused_optim.kernels import engine
 from cases import case_id, fused_backends
 from conftest import DEVICE
 from test_parity import GRAD_SCALES, SHAPES, STEPS
-from tolerances import BIG_LR_STEPS, EPS32, global_clip_f64, lamb_step_f64, n_blocks, norm_f64, sum_sq_rel
+from tolerances import (BIG_LR_STEPS, EPS32, global_clip_f64, lamb_clip_gap, lamb_moment_bounds, lamb_step_f64,
+                        lamb_theta_bound, n_blocks, norm_f64, sum_sq_rel)
 
 BACKENDS = fused_backends(rule="lamb")
 LR = 1e-2
@@ -317,6 +318,100 @@ def test_layer_adaptation_false_has_unit_ratio(backend):
     assert not torch.allclose(p.detach(), q.detach())  # the adapted group moved differently
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Extreme magnitudes, on every fused backend against the reference: where an fp32 square overflows or vanishes
+# (the kernels square and sum in float64, as the reference).
+# ----------------------------------------------------------------------------------------------------------------
+def _same_pattern_within(what, got, want, bound):
+    """``got`` has NaN exactly where ``want`` has, the same infs (signs included), and every other element within
+    ``bound`` (elementwise, broadcast) of ``want``."""
+    got, want = got.detach().double().cpu().numpy(), want.detach().double().cpu().numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(want)), \
+        f"{what}: NaN at {np.flatnonzero(np.isnan(got))}, the reference at {np.flatnonzero(np.isnan(want))}"
+    inf = np.isinf(want)
+    assert np.array_equal(np.isinf(got), inf) and np.array_equal(got[inf], want[inf]), f"{what}: infs differ"
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), want.shape)
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(np.isfinite(want) & ~(np.abs(got - want) <= bound))
+    assert bad.size == 0, (f"{what}: {bad.size} elements off, e.g. element {bad[0]}: {got.flat[bad[0]]!r} against "
+                           f"the reference's {want.flat[bad[0]]!r} (bound {bound.flat[bad[0]]:.3e})")
+
+
+def same_as_reference(backend, values, grads, *, max_grad_norm=None, **group):
+    """One step of ``backend`` and one of the reference from the same fp32 params ``values`` and grads ``grads`` (one
+    param group with options ``group``); every param and state tensor is then compared: steps exactly, NaN and inf
+    patterns exactly, finite elements within the one-step bounds of fused_optim/testing.py, LAMB
+    (``lamb_moment_bounds`` with the clip gap ``lamb_clip_gap``, and ``lamb_theta_bound``, from ``lamb_step_f64``
+    of the step, as ``lamb_parity`` checks them). Returns the reference's params and optimizer."""
+    runs = []
+    for b in (backend, "reference"):
+        params = [v.clone().to(DEVICE).requires_grad_() for v in values]
+        opt = FusedLAMB(params, lr=LR, backend=b, max_grad_norm=max_grad_norm, **group)
+        for p, g in zip(params, grads):
+            p.grad = g.clone().to(DEVICE)
+        opt.step()
+        runs.append((params, opt))
+    (fused_params, fused), (ref_params, ref) = runs
+    hp = ref.param_groups[0]
+    g64 = [g.double().numpy() for g in grads]
+    c = global_clip_f64(g64, max_grad_norm)
+    delta_c = 0.0 if max_grad_norm is None else lamb_clip_gap(sum(n_blocks(v.numel()) for v in values))
+    for i, (pf, pr) in enumerate(zip(fused_params, ref_params)):
+        sf, sr = fused.state[pf], ref.state[pr]
+        assert float(sf["step"]) == float(sr["step"]) == 1.0, f"param {i}: step"
+        theta, g = values[i].double().numpy(), g64[i] * c
+        gap_m = (sf["exp_avg"].double() - sr["exp_avg"].double()).abs().cpu().numpy()
+        gap_v = (sf["exp_avg_sq"].double() - sr["exp_avg_sq"].double()).abs().cpu().numpy()
+        with np.errstate(all="ignore"):  # an inf param has a NaN bound: only finite elements use theirs
+            e = lamb_step_f64(theta, g, np.zeros_like(theta), np.zeros_like(theta), 0, hp)
+            b_m, b_v = lamb_moment_bounds(hp, g, float(sr["exp_avg"].abs().max()),
+                                          float(sr["exp_avg_sq"].abs().max()), delta_c=delta_c)
+            b_theta = lamb_theta_bound(e, hp, theta, n_blocks=n_blocks(theta.size), d_m=gap_m, d_v=gap_v)
+        _same_pattern_within(f"param {i} exp_avg", sf["exp_avg"], sr["exp_avg"], b_m)
+        _same_pattern_within(f"param {i} exp_avg_sq", sf["exp_avg_sq"], sr["exp_avg_sq"], b_v)
+        _same_pattern_within(f"param {i}", pf, pr, b_theta)
+    return ref_params, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_clip_of_a_grad_whose_fp32_square_overflows(backend):
+    """One finite grad of 1e20 (g² = 1e40 overflows fp32): the reference's G ~ 1e20 clips every grad of the
+    optimizer by c ~ 1e-20, so that the moments hold (1 - β1) g c: 0.1 at the big grad, 1e-22 at the grads of 0.1
+    of the other param. An fp32 Σg² = inf made c = 0 and dropped every grad of the step (the moments stayed 0)."""
+    values = [torch.randn(100), torch.randn(50)]
+    grads = [torch.full((100,), 0.1), torch.full((50,), 0.1)]
+    grads[0][7] = 1e20
+    ref_params, ref = same_as_reference(backend, values, grads, max_grad_norm=1.0)
+    m = [ref.state[p]["exp_avg"] for p in ref_params]
+    assert float(m[0][7]) == pytest.approx(0.1, rel=1e-6) and float(m[1][0]) == pytest.approx(1e-22, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trust_ratio_of_params_whose_fp32_squares_vanish(backend):
+    """Params of ~1e-24, whose squares (~1e-48) are below fp32's smallest subnormal; no weight decay: the reference's
+    r = ‖θ‖ / ‖u‖ ~ 1e-24 makes the step lr ‖θ‖ in norm. An fp32 ‖θ‖² = 0 took r = 1: a step 1e22 times the
+    params."""
+    values = [torch.randn(300) * 1e-24, torch.randn(7, 9) * 1e-24]
+    grads = [torch.randn(300), torch.randn(7, 9)]
+    ref_params, _ = same_as_reference(backend, values, grads, weight_decay=0.0)
+    for v, p in zip(values, ref_params):
+        # ‖θ' - θ‖ = lr r ‖u‖ = lr ‖θ‖, up to the rounding of θ' (eps32 |θ'_i| per element: ~1e-5 relative here)
+        assert norm_f64(p.detach().cpu() - v) / norm_f64(v) == pytest.approx(LR, rel=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trust_ratio_of_a_direction_whose_fp32_squares_vanish(backend):
+    """Grads of ~1e-30, no weight decay: v = (1 - β2) g² underflows to 0 (in fp32 on both sides), so u = m^ / ε
+    ~ 1e-24 and ‖u‖² ~ 1e-48 n; the reference's r = ‖θ‖ / ‖u‖ ~ 1e24 moves the params by lr ‖θ‖ in norm. An fp32
+    ‖u‖² = 0 took r = 1 and left them where they were (a step of lr ‖u‖ ~ 1e-26)."""
+    values = [torch.randn(300), torch.randn(7, 9)]
+    grads = [torch.randn(300) * 1e-30, torch.randn(7, 9) * 1e-30]
+    ref_params, ref = same_as_reference(backend, values, grads, weight_decay=0.0)
+    for v, p in zip(values, ref_params):
+        assert float(ref.state[p]["exp_avg_sq"].abs().max()) == 0.0
+        assert norm_f64(p.detach().cpu() - v) / norm_f64(v) == pytest.approx(LR, rel=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_max_grad_norm_inactive_is_bitwise_noop(backend):
     """max_grad_norm above the global norm: c = 1 exactly, so the result is bitwise that of no clipping; the
@@ -338,7 +433,8 @@ def test_max_grad_norm_inactive_is_bitwise_noop(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16], ids=case_id)
 def test_global_grad_norm_accuracy(backend, grad_dtype):
-    """The fused Σ g² (GradScaler-unscaled) of a bucket within the derived summation bound of the float64 one."""
+    """The fused Σ g² (GradScaler-unscaled; squares and sums in float64) of a bucket within the derived summation
+    bound of the reference's float64 one."""
     shapes = [(4096 * 2 + 7,), (3, 5), (1,), (0,), (777,)]
     params = [torch.randn(s, device=DEVICE).to(grad_dtype).requires_grad_() for s in shapes]
     opt = FusedLAMB(params, backend=backend, max_grad_norm=1.0)
@@ -350,7 +446,7 @@ def test_global_grad_norm_accuracy(backend, grad_dtype):
     bucket.states = [opt.state[p] for p in bucket.params]
     fused = backends.grad_sq_norm(bucket, opt.rule, tables=opt._tables, grad_scale=scale)
     exact = fused_optim.reference.grad_sq_norm(bucket.grads, scale)
-    assert fused.dtype == torch.float32 and fused.device.type == DEVICE.type
+    assert fused.dtype == torch.float64 and fused.device.type == DEVICE.type
     blocks = sum(n_blocks(p.numel()) for p in params)
     assert abs(float(fused) / float(exact) - 1) <= sum_sq_rel(blocks)
     skipped = backends.grad_sq_norm(bucket, opt.rule, tables=opt._tables, found_inf=torch.ones((), device=DEVICE))

@@ -27,10 +27,10 @@ SEGMENT_LANES = 1024  # csrc/engine.h kSegmentLanes
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The summation order of csrc/engine.h, replayed with one fp32 rounding per addition.
+# The summation order of csrc/engine.h, replayed with one float64 rounding per addition.
 # ----------------------------------------------------------------------------------------------------------------
 def _tree(x: torch.Tensor) -> torch.Tensor:
-    """Pairwise tree over a power-of-two number of fp32 lanes: lanes k and k + w for w = n / 2, n / 4, ..., 1."""
+    """Pairwise tree over a power-of-two number of float64 lanes: lanes k and k + w for w = n / 2, n / 4, ..., 1."""
     while x.numel() > 1:
         half = x.numel() // 2
         x = x[:half] + x[half:]
@@ -40,24 +40,30 @@ def _tree(x: torch.Tensor) -> torch.Tensor:
 def _lanes(x: torch.Tensor, lanes: int) -> torch.Tensor:
     """Lane k adds x[k], x[k + lanes], ... in order, from +0 (the padding adds +0: exact)."""
     rows = torch.nn.functional.pad(x, (0, -x.numel() % lanes)).view(-1, lanes)
-    acc = torch.zeros(lanes, dtype=torch.float32)
+    acc = torch.zeros(lanes, dtype=torch.float64)
     for row in rows:
         acc = acc + row
     return acc
 
 
 def block_partials(contrib: torch.Tensor, block: int = DEFAULT_BLOCK) -> list:
-    """The CPU engine's per-block partial sums of one tensor's fp32 contributions (an empty tensor: one 0)."""
+    """The CPU engine's per-block partial sums of one tensor's float64 contributions (an empty tensor: one 0)."""
     contrib = contrib.reshape(-1)
+    assert contrib.dtype == torch.float64
     if contrib.numel() == 0:
-        return [torch.tensor(0.0)]
+        return [torch.tensor(0.0, dtype=torch.float64)]
     return [_tree(_lanes(contrib[s:s + block], CPU_LANES)) for s in range(0, contrib.numel(), block)]
 
 
 def segment_total(partials: list) -> torch.Tensor:
     """segment_sum of one segment: 1,024 lanes, then the full 1,024-lane tree (the CPU engine trims the tree to the
     segment's length: the same bits, which this checks)."""
-    return _tree(_lanes(torch.stack(partials).float(), SEGMENT_LANES))
+    return _tree(_lanes(torch.stack(partials).double(), SEGMENT_LANES))
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """The contributions of csrc/lamb_rule.h: each fp32 value widened to float64 and squared there (exact)."""
+    return x.double() * x.double()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,7 +87,7 @@ def _lamb_ops(tensors, hp, *, grad_scale=None, max_grad_norm=None):
         for x in tensors:
             g = x["grad"].float()
             g = g / grad_scale if grad_scale is not None else g
-            parts += block_partials(g * g)
+            parts += block_partials(_sq(g))
         sums["grad"] = segment_total(parts)
         c = _f32(float(clip_coefficient(max_grad_norm, sums["grad"])))
     out = []
@@ -107,9 +113,9 @@ def _lamb_ops(tensors, hp, *, grad_scale=None, max_grad_norm=None):
     partials, norms = [[], []], [[], []]
     for x, e in zip(tensors, out):
         r = 1.0
-        if hp["layer_adaptation"]:  # pass 1's partials, segment_sum per tensor, the ratio in fp64
+        if hp["layer_adaptation"]:  # pass 1's float64 partials, segment_sum per tensor, the ratio in fp64
             for q, value in enumerate((e["theta"], e["u"])):
-                partials[q].append(block_partials(value * value))
+                partials[q].append(block_partials(_sq(value)))
                 norms[q].append(segment_total(partials[q][-1]))
             w_norm, u_norm = math.sqrt(float(norms[0][-1])), math.sqrt(float(norms[1][-1]))
             r = w_norm / u_norm if w_norm > 0.0 and u_norm > 0.0 else 1.0
@@ -136,14 +142,10 @@ REPLAY = [
 ]
 
 
-@pytest.mark.parametrize("dtype,master,options,scale", REPLAY, ids=[f"v{i}" for i in range(len(REPLAY))])
-def test_one_step_is_the_documented_op_order_bit_for_bit(dtype, master, options, scale, monkeypatch):
-    """From a mid-training state (per-tensor steps, random moments and master weights), one native step equals the
-    operation-by-operation replay of csrc/lamb_rule.h, each operation one fp32 rounding, the FMAs where the Triton
-    rule has tl.fma: params, master weights, moments, unscaled grads and steps, every bit. The sums on the way (the
-    global Σg², pass 1's per-block partials of θ² and u², their per-tensor sums) are the engine's summation order
-    of csrc/engine.h, bit for bit too: a one-ulp change of a sum seldom changes a result bit (r moves by ~3e-8
-    relative, which -(γ r) rounded to fp32 mostly absorbs), so they are compared themselves."""
+def _replay_one_step(dtype, master, options, scale, monkeypatch, edit=None):
+    """From a mid-training state (per-tensor steps, random moments and master weights; then ``edit(params, opt)``
+    if given), one native step against the operation-by-operation replay ``_lamb_ops``: the sums on the way and
+    every param, master weight, moment, unscaled grad and step, bit for bit. Returns the params."""
     seen = []  # (partials, seg_start, out) of every segment_sum of the step
     real_segment_sum = native.segment_sum
 
@@ -167,6 +169,8 @@ def test_one_step_is_the_documented_op_order_bit_for_bit(dtype, master, options,
         if "master_param" in st:
             st["master_param"].copy_(torch.randn(p.shape, generator=gen))
         p.grad = (torch.randn(p.shape, generator=gen) * (scale or 1.0)).to(dtype)
+    if edit is not None:
+        edit(ps, opt)
     tensors = [dict(param=p.detach().clone(), grad=p.grad.clone(),
                     **{k: v.clone() for k, v in opt.state[p].items()}) for p in ps]
     expected, sums = _lamb_ops(tensors, opt.param_groups[0], grad_scale=None if scale is None else _f32(scale),
@@ -175,18 +179,57 @@ def test_one_step_is_the_documented_op_order_bit_for_bit(dtype, master, options,
         opt.grad_scale, opt.found_inf = _f32(scale), _f32(0.0)
     seen.clear()
     opt.step()
-    want = ([("grad", (None, sums["grad"].reshape(1, 1)))] if "grad" in sums else []) + \
-        ([("norms", (sums["partials"], sums["norms"]))] if "norms" in sums else [])
-    assert len(seen) == len(want), "one segment_sum per reduction of the step"
-    for (what, (want_partials, want_out)), (got_partials, got_out) in zip(want, seen):
-        if want_partials is not None:
-            assert torch.equal(got_partials, want_partials), f"{what}: pass 1's per-block partials"
-        assert torch.equal(got_out, want_out), f"{what}: segment sums"
     for i, (p, exp) in enumerate(zip(ps, expected)):
         got = dict(param=p.detach(), grad=p.grad, **opt.state[p])
         for key in got:
             bad = (got[key].reshape(-1).float() != exp[key].reshape(-1).float()).sum().item()
             assert bad == 0, f"tensor {i} {key}: {bad} of {exp[key].numel()} elements differ from the op order"
+    want = ([("grad", (None, sums["grad"].reshape(1, 1)))] if "grad" in sums else []) + \
+        ([("norms", (sums["partials"], sums["norms"]))] if "norms" in sums else [])
+    assert len(seen) == len(want), "one segment_sum per reduction of the step"
+    for (what, (want_partials, want_out)), (got_partials, got_out) in zip(want, seen):
+        assert got_out.dtype == torch.float64, f"{what}: the sums of squares are float64"
+        if want_partials is not None:
+            assert torch.equal(got_partials, want_partials), f"{what}: pass 1's per-block partials"
+        assert torch.equal(got_out, want_out), f"{what}: segment sums"
+    return ps
+
+
+@pytest.mark.parametrize("dtype,master,options,scale", REPLAY, ids=[f"v{i}" for i in range(len(REPLAY))])
+def test_one_step_is_the_documented_op_order_bit_for_bit(dtype, master, options, scale, monkeypatch):
+    """From a mid-training state (per-tensor steps, random moments and master weights), one native step equals the
+    operation-by-operation replay of csrc/lamb_rule.h, each operation one fp32 rounding, the FMAs where the Triton
+    rule has tl.fma: params, master weights, moments, unscaled grads and steps, every bit. The sums on the way (the
+    global Σg², pass 1's per-block partials of θ² and u², their per-tensor sums) are the engine's summation order
+    of csrc/engine.h in float64 (squares of the widened fp32 values), bit for bit too: a one-ulp change of a sum
+    moves r by ~1e-16 relative, which -(γ r) rounded to fp32 almost always absorbs, so they are compared
+    themselves."""
+    _replay_one_step(dtype, master, options, scale, monkeypatch)
+
+
+def _huge_grad_tiny_params_and_direction(ps, opt):
+    """Tensor 0: one grad of 1e20 (g² = 1e40 overflows fp32), so c ~ 1e-20 scales every grad; tensor 1: params of
+    ~1e-24 (θ² ~ 1e-48 vanishes in fp32; weight_decay = 0, so u does not depend on θ); tensor 4: zero moments and
+    grads of ~1e-10, clipped to ~1e-30: u ~ 1e-25, u² vanishes in fp32."""
+    with torch.no_grad():
+        ps[0].grad[3] = 1e20
+        ps[1].mul_(1e-24)
+        ps[4].grad.mul_(1e-10)
+        opt.state[ps[4]]["exp_avg"].zero_()
+        opt.state[ps[4]]["exp_avg_sq"].zero_()
+
+
+EXTREME = [
+    # (FusedLAMB options, edit): fp32 params, no GradScaler
+    (dict(weight_decay=0.0, max_grad_norm=1.0), _huge_grad_tiny_params_and_direction),
+]
+
+
+@pytest.mark.parametrize("options,edit", EXTREME, ids=["fp32-squares-overflow-underflow"])
+def test_extreme_magnitudes_are_the_documented_op_order_bit_for_bit(options, edit, monkeypatch):
+    """The replay where fp32 squares would overflow or vanish: the float64 sums of squares keep Σg² finite
+    (c ~ 1e-20, not 0), and ‖θ‖ and ‖u‖ of ~1e-24 non-zero (r = ‖θ‖ / ‖u‖, not 1)."""
+    _replay_one_step(torch.float32, False, options, None, monkeypatch, edit)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,19 +278,21 @@ def test_segment_sum_is_the_documented_order(index_dtype):
     gen = torch.Generator().manual_seed(2)
     lengths = [0, 1, 3, 1024, 1025, 5000, 0, 7]
     n = sum(lengths)
-    partials = torch.randn(2, n, generator=gen) * torch.exp2(torch.randint(-20, 20, (2, n), generator=gen).float())
+    partials = (torch.randn(2, n, generator=gen, dtype=torch.float64)
+                * torch.exp2(torch.randint(-20, 20, (2, n), generator=gen).double()))
     seg = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(index_dtype)
     out = native.segment_sum(partials, seg)
-    assert out.shape == (2, len(lengths)) and out.dtype == torch.float32
+    assert out.shape == (2, len(lengths)) and out.dtype == torch.float64
     for q in range(2):
         for s, (lo, hi) in enumerate(zip(seg[:-1].tolist(), seg[1:].tolist())):
-            want = segment_total(list(partials[q, lo:hi])) if hi > lo else torch.tensor(0.0)
+            want = segment_total(list(partials[q, lo:hi])) if hi > lo else torch.tensor(0.0, dtype=torch.float64)
             assert torch.equal(out[q, s], want), (q, s, hi - lo)
     assert torch.equal(native.segment_sum(partials[0].contiguous(), seg), out[:1])  # 1-D partials: one quantity
 
 
 def test_grad_sq_norm_is_the_documented_order():
-    """The global Σg² of a bucket: the per-block order of the CPU engine, then one segment over every block."""
+    """The global Σg² of a bucket: float64 squares in the per-block order of the CPU engine, then one segment over
+    every block."""
     gen = torch.Generator().manual_seed(3)
     ps = [torch.randn(s, generator=gen).requires_grad_() for s in [(4096 * 3 + 1,), (5,), (0,), ()]]
     for p in ps:
@@ -258,8 +303,8 @@ def test_grad_sq_norm_is_the_documented_order():
     bucket.states = [opt.state[p] for p in bucket.params]
     scale = torch.tensor(64.0)
     got = backends.grad_sq_norm(bucket, "lamb", tables=opt._tables, grad_scale=scale)
-    want = segment_total([b for p in ps for b in block_partials((p.grad / scale) ** 2)])
-    assert got.dtype == torch.float32 and got.dim() == 0 and torch.equal(got, want)
+    want = segment_total([b for p in ps for b in block_partials(_sq(p.grad / scale))])
+    assert got.dtype == torch.float64 and got.dim() == 0 and torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +326,7 @@ def _lamb_op_args(params):
     return [params, grads, operands["exp_avg"], operands["exp_avg_sq"], [], operands["step"],
             [table.ptrs[n] for n in native.LAMB_OPERANDS], table.numels, table.block_tensor, table.block_start,
             table.arrivals, table.block, native.LAMB_NORMS, 1e-3, None, 0.9, 0.999, 1e-6, 0.01, True, False, 0.0,
-            0.0, None, torch.empty(2, table.n_blocks), None, None, None], table
+            0.0, None, torch.empty(2, table.n_blocks, dtype=torch.float64), None, None, None], table
 
 
 def _with(args, changes: dict) -> list:
@@ -296,19 +341,23 @@ def test_op_checks_its_arguments():
     ps = [torch.randn(5), torch.randn(4100)]
     args, table = _lamb_op_args(ps)
     op(*args)
-    op(*_with(args, {PHASE: native.LAMB_APPLY, PARTIALS: None, SUMS: torch.ones(2, 2)}))
+    op(*_with(args, {PHASE: native.LAMB_APPLY, PARTIALS: None, SUMS: torch.ones(2, 2, dtype=torch.float64)}))
     with pytest.raises(RuntimeError, match="fused_optim::lamb_: phase must be"):
         op(*_with(args, {PHASE: 7}))
     with pytest.raises(RuntimeError, match="partials is required by pass 1"):
         op(*_with(args, {PARTIALS: None}))
-    with pytest.raises(RuntimeError, match=r"partials must be a contiguous float32 tensor of \[2, n_blocks\] = 6"):
-        op(*_with(args, {PARTIALS: torch.empty(2, 2)}))
+    with pytest.raises(RuntimeError, match=r"partials must be a contiguous float64 tensor of \[2, n_blocks\] = 6"):
+        op(*_with(args, {PARTIALS: torch.empty(2, 2, dtype=torch.float64)}))
+    with pytest.raises(RuntimeError, match=r"partials must be a contiguous float64 tensor of \[2, n_blocks\] = 6"):
+        op(*_with(args, {PARTIALS: torch.empty(2, 3)}))  # float32: the sums of squares are float64
     with pytest.raises(RuntimeError, match="sums is required by pass 2"):
         op(*_with(args, {PHASE: native.LAMB_APPLY, PARTIALS: None}))
-    with pytest.raises(RuntimeError, match=r"sums must be a contiguous float32 tensor of \[2, n_tensors\] = 4"):
-        op(*_with(args, {PHASE: native.LAMB_APPLY, PARTIALS: None, SUMS: torch.ones(2, 3)}))
+    with pytest.raises(RuntimeError, match=r"sums must be a contiguous float64 tensor of \[2, n_tensors\] = 4"):
+        op(*_with(args, {PHASE: native.LAMB_APPLY, PARTIALS: None, SUMS: torch.ones(2, 3, dtype=torch.float64)}))
+    with pytest.raises(RuntimeError, match=r"sums must be a contiguous float64 tensor of \[2, n_tensors\] = 4"):
+        op(*_with(args, {PHASE: native.LAMB_APPLY, PARTIALS: None, SUMS: torch.ones(2, 2)}))  # float32
     with pytest.raises(RuntimeError, match="sums is only read by pass 2"):
-        op(*_with(args, {PHASE: native.LAMB_FUSED, PARTIALS: None, SUMS: torch.ones(2, 2)}))
+        op(*_with(args, {PHASE: native.LAMB_FUSED, PARTIALS: None, SUMS: torch.ones(2, 2, dtype=torch.float64)}))
     stale, _ = _lamb_op_args([torch.randn(5), torch.randn(4100)])
     stale[6:12] = args[6:12]  # another param set's tensors with this table
     with pytest.raises(RuntimeError, match="fused_optim::lamb_: the param table does not hold the address of param 0"):
@@ -324,14 +373,15 @@ def test_op_checks_its_arguments():
 
 
 def test_segment_sum_checks_its_arguments():
+    ones = torch.ones(4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="fused_optim::segment_sum: seg_start.*out of order or out of range"):
-        native.segment_sum(torch.ones(4), torch.tensor([0, 3, 2], dtype=torch.int32))
+        native.segment_sum(ones, torch.tensor([0, 3, 2], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="seg_start.*out of order or out of range"):
-        native.segment_sum(torch.ones(4), torch.tensor([0, 5]))
-    with pytest.raises(RuntimeError, match="partials must be a contiguous float32 tensor"):
-        native.segment_sum(torch.ones(4, dtype=torch.float64), torch.tensor([0, 4]))
+        native.segment_sum(ones, torch.tensor([0, 5]))
+    with pytest.raises(RuntimeError, match="partials must be a contiguous float64 tensor"):
+        native.segment_sum(torch.ones(4), torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="seg_start must be a contiguous int32 or int64 vector"):
-        native.segment_sum(torch.ones(4), torch.tensor([0.0, 4.0]))
+        native.segment_sum(ones, torch.tensor([0.0, 4.0]))
 
 
 def test_op_schemas_declare_mutation():

@@ -19,11 +19,11 @@
 // operation is IEEE fp32 and an FMA is a single rounding whether libm or the instruction computes it.
 // FUSED_OPTIM_CPU_ISA=baseline forces the baseline build (tests compare the two bitwise).
 //
-// Per-block partial sums (engine.h): a reducing rule's element contributions go into kCpuLanes = 128 accumulators,
-// element k of a 128-element chunk into lane k, so that the `omp simd` loop adds lane-wise (each lane is its own
-// accumulator: no reassociation, the same bits with SSE2 or AVX2 or one element at a time), then a pairwise tree
-// over the lanes gives the block's partial. segment_sum adds each segment's partials in the order the CUDA
-// engine uses (1,024 lanes, then a tree), one segment per task.
+// Per-block partial sums (engine.h; float64): a reducing rule's element contributions go into kCpuLanes = 128
+// accumulators, element k of a 128-element chunk into lane k, so that the `omp simd` loop adds lane-wise (each lane
+// is its own accumulator: no reassociation, the same bits with SSE2 or AVX2 or one element at a time), then a
+// pairwise tree over the lanes gives the block's partial. segment_sum adds each segment's partials in the order
+// the CUDA engine uses (1,024 lanes, then a tree), one segment per task.
 #pragma once
 
 #include <cstdint>
@@ -53,8 +53,8 @@ inline Isa active_isa() {
 inline const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2+fma" : "baseline"; }
 
 // The sum of lanes[0 .. width), width a power of two, as a pairwise tree: lanes k and k + w for w = width / 2, ...
-template <int Width>
-FO_INLINE float tree_sum(float* lanes) {
+template <int Width, typename T>
+FO_INLINE T tree_sum(T* lanes) {
   for (int w = Width / 2; w > 0; w /= 2) {
     for (int k = 0; k < w; ++k) lanes[k] = add_rn(lanes[k], lanes[k + w]);
   }
@@ -62,8 +62,8 @@ FO_INLINE float tree_sum(float* lanes) {
 }
 
 template <class Rule>
-FO_INLINE void run_blocks_impl(const typename Rule::Tensor* tensors, const BlockMap& map, float* partials, int64_t b0,
-                               int64_t b1) {
+FO_INLINE void run_blocks_impl(const typename Rule::Tensor* tensors, const BlockMap& map, Partial* partials,
+                               int64_t b0, int64_t b1) {
   constexpr int Q = partials_of<Rule>;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t t = map.block_tensor[b];
@@ -75,12 +75,12 @@ FO_INLINE void run_blocks_impl(const typename Rule::Tensor* tensors, const Block
 #pragma omp simd
       for (int64_t i = start; i < end; ++i) Rule::template apply<1, false>(x, i);
     } else {
-      float lanes[Q][kCpuLanes] = {};
+      Partial lanes[Q][kCpuLanes] = {};
       for (int64_t c = start; c < end; c += kCpuLanes) {
         const int len = static_cast<int>(end - c < kCpuLanes ? end - c : kCpuLanes);
 #pragma omp simd
         for (int k = 0; k < len; ++k) {
-          float part[Q][1];
+          Partial part[Q][1];
           Rule::template apply<1, false>(x, c + k, part);
 #pragma GCC unroll 8
           for (int q = 0; q < Q; ++q) lanes[q][k] = add_rn(lanes[q][k], part[q][0]);
@@ -92,7 +92,7 @@ FO_INLINE void run_blocks_impl(const typename Rule::Tensor* tensors, const Block
 }
 
 template <class Rule>
-void run_blocks_baseline(const typename Rule::Tensor* tensors, const BlockMap& map, float* partials, int64_t b0,
+void run_blocks_baseline(const typename Rule::Tensor* tensors, const BlockMap& map, Partial* partials, int64_t b0,
                          int64_t b1) {
   run_blocks_impl<Rule>(tensors, map, partials, b0, b1);
 }
@@ -100,7 +100,7 @@ void run_blocks_baseline(const typename Rule::Tensor* tensors, const BlockMap& m
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <class Rule>
 __attribute__((target("avx2,fma"))) void run_blocks_avx2(const typename Rule::Tensor* tensors, const BlockMap& map,
-                                                         float* partials, int64_t b0, int64_t b1) {
+                                                         Partial* partials, int64_t b0, int64_t b1) {
   run_blocks_impl<Rule>(tensors, map, partials, b0, b1);
 }
 #endif
@@ -110,11 +110,11 @@ __attribute__((target("avx2,fma"))) void run_blocks_avx2(const typename Rule::Te
 // `partials`: a reducing rule's [kPartials, n_blocks] output (engine.h), unused otherwise.
 template <class Rule, class ParallelFor>
 void launch(const typename Rule::Args& args, const BlockMap& map, Isa isa, ParallelFor&& parallel_for,
-            float* partials = nullptr) {
+            Partial* partials = nullptr) {
   constexpr int Q = partials_of<Rule>;
   if (map.n_blocks == 0) return;
   if (Rule::skip(args)) {
-    for (int64_t i = 0; i < Q * map.n_blocks; ++i) partials[i] = 0.0f;
+    for (int64_t i = 0; i < Q * map.n_blocks; ++i) partials[i] = 0.0;
     return;
   }
   std::vector<typename Rule::Tensor> tensors(static_cast<size_t>(map.n_tensors));
@@ -139,23 +139,23 @@ void launch(const typename Rule::Args& args, const BlockMap& map, Isa isa, Paral
 // out[q * n_segments + s] = the sum of partials[q * n_partials + seg_start[s] .. seg_start[s + 1]], in the order of
 // the CUDA engine's segment_sum_kernel (engine.h): lane k adds partials k, k + 1024, ... in order, then a pairwise
 // tree over the lanes. Only the first `width` lanes (a power of two >= the segment's length, at most 1024) take
-// part in the tree: the others hold +0 (each lane starts at +0 and an fp32 sum that starts at +0 is never -0), and
+// part in the tree: the others hold +0 (each lane starts at +0 and a sum that starts at +0 is never -0), and
 // x + (+0) = x, so the levels above `width` change nothing and the result is the full tree's, bit for bit.
 template <typename Index, class ParallelFor>
-void segment_sum(const float* partials, int64_t n_quantities, int64_t n_partials, const Index* seg_start,
-                 int64_t n_segments, float* out, ParallelFor&& parallel_for) {
+void segment_sum(const Partial* partials, int64_t n_quantities, int64_t n_partials, const Index* seg_start,
+                 int64_t n_segments, Partial* out, ParallelFor&& parallel_for) {
   const int64_t tasks = n_quantities * n_segments;
   parallel_for(0, tasks, 256, [&](int64_t task0, int64_t task1) {
-    float lanes[kSegmentLanes];
+    Partial lanes[kSegmentLanes];
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t q = task / n_segments;
       const int64_t s = task % n_segments;
       const int64_t lo = static_cast<int64_t>(seg_start[s]);
       const int64_t len = static_cast<int64_t>(seg_start[s + 1]) - lo;
-      const float* row = partials + q * n_partials + lo;
+      const Partial* row = partials + q * n_partials + lo;
       int width = 1;
       while (width < len && width < kSegmentLanes) width *= 2;
-      for (int k = 0; k < width; ++k) lanes[k] = 0.0f;
+      for (int k = 0; k < width; ++k) lanes[k] = 0.0;
       for (int64_t j = 0; j < len; j += kSegmentLanes) {
         const int64_t m = len - j < kSegmentLanes ? len - j : kSegmentLanes;
         for (int64_t k = 0; k < m; ++k) lanes[k] = add_rn(lanes[k], row[j + k]);

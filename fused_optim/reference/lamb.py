@@ -12,8 +12,11 @@ default; the optional clamp of the ratio is the paper's scaling function φ (v3,
 
 Roundings follow the Adam reference (``exp_avg.lerp_``, ``addcmul_``, ``add(alpha=)``) so that a kernel can
 match them operation for operation (tests/tolerances.py). The norms are the one place where this reference
-computes in float64: a kernel sums squares in fp32 in an order of its own, and the float64 sum is the
-order-free value that every such fp32 sum approximates, which is what the parity tolerances bound.
+computes in float64: fp32 (and bf16/fp16) values are squared in float64, exactly, where an fp32 square overflows
+for |x| >= 2^64 ~ 1.8e19, loses bits below 2^-63 ~ 1.1e-19 and vanishes below 2^-75 ~ 2.6e-23; the squares are
+summed in float64. The kernels do the same in an order of their own; two float64 sums of the same n squares agree
+to about n 2^-53 relative whatever their orders, which is what the parity tolerances bound (fused_optim/testing.py,
+LAMB).
 """
 from __future__ import annotations
 
