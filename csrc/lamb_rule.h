@@ -135,7 +135,9 @@ struct LambRule {
         const double w_norm = sqrt(a.sums[t]);
         const double u_norm = sqrt(a.sums[a.n_tensors + t]);
         r = (w_norm > 0.0 && u_norm > 0.0) ? w_norm / u_norm : 1.0;
-        if (a.trust_clip) r = fmin(fmax(r, a.clip_lo), a.clip_hi);  // the paper's φ(z) = min(max(z, γ_l), γ_u)
+        // The paper's φ(z) = min(max(z, γ_l), γ_u); a NaN ratio (‖θ‖ = ‖u‖ = inf) stays NaN, as in the reference
+        // (fmax and fmin would replace it by γ_l).
+        if (a.trust_clip) r = min_nan(max_nan(r, a.clip_lo), a.clip_hi);
       }
       x.coef = static_cast<float>(-(lr * r));
     }

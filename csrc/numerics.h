@@ -81,8 +81,15 @@ FO_HD FO_INLINE float fma_rn(float a, float b, float c) {
 #endif
 }
 
-// max that propagates NaN from either side, as torch.maximum does.
-FO_HD FO_INLINE float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+// max and min that propagate NaN from either side, as torch.maximum and torch.minimum do (fmax and fmin drop it).
+template <typename T>
+FO_HD FO_INLINE T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+template <typename T>
+FO_HD FO_INLINE T min_nan(T a, T b) {
+  return (a < b || a != a) ? a : b;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // float64 operations, each rounded once: the sums of squares of LAMB's norms (lamb_rule.h, the engines' partial

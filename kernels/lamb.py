@@ -176,8 +176,9 @@ def _lamb_kernel(
                 u_norm = tl.sqrt(tl.load(sum_u + t))
                 both = (w_norm > 0.0) & (u_norm > 0.0)
                 r = tl.where(both, w_norm / tl.where(both, u_norm, 1.0), 1.0)
-                if TRUST_CLIP:
-                    r = tl.minimum(tl.maximum(r, clip_lo), clip_hi)
+                if TRUST_CLIP:  # a NaN ratio (‖θ‖ = ‖u‖ = inf) stays NaN, as in the reference
+                    r = tl.maximum(r, clip_lo, propagate_nan=tl.PropagateNan.ALL)
+                    r = tl.minimum(r, clip_hi, propagate_nan=tl.PropagateNan.ALL)
             coef = (-(lr * r)).to(tl.float32)
 
         grad_clip = tl.full([], 1.0, tl.float32)

@@ -319,8 +319,8 @@ def test_layer_adaptation_false_has_unit_ratio(backend):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Extreme magnitudes, on every fused backend against the reference: where an fp32 square overflows or vanishes
-# (the kernels square and sum in float64, as the reference).
+# Extreme magnitudes and NaN, on every fused backend against the reference: where an fp32 square overflows or
+# vanishes (the kernels square and sum in float64, as the reference), and a NaN trust ratio through the trust clip.
 # ----------------------------------------------------------------------------------------------------------------
 def _same_pattern_within(what, got, want, bound):
     """``got`` has NaN exactly where ``want`` has, the same infs (signs included), and every other element within
@@ -410,6 +410,21 @@ def test_trust_ratio_of_a_direction_whose_fp32_squares_vanish(backend):
     for v, p in zip(values, ref_params):
         assert float(ref.state[p]["exp_avg_sq"].abs().max()) == 0.0
         assert norm_f64(p.detach().cpu() - v) / norm_f64(v) == pytest.approx(LR, rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # inf / inf, on purpose
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [(0.0, 10.0), (2.0, math.inf)], ids=["0-10", "2-inf"])
+def test_nan_trust_ratio_stays_nan_through_the_trust_clip(backend, clip):
+    """An inf param with weight decay: ‖θ‖ = ‖u‖ = inf (u = a + λ θ), r = inf / inf = NaN, and the trust clip
+    keeps it NaN (the reference: NaN in, NaN out), so the step makes the whole tensor NaN, as it does without a
+    clip; the other tensor and the moments are unaffected. A clamp that drops NaN (fmax/fmin, tl.maximum without
+    propagate_nan) set r = lo and updated the finite elements."""
+    values = [torch.tensor([1.0, 2.0, math.inf, 3.0]), torch.randn(5)]
+    grads = [torch.full((4,), 0.1), torch.full((5,), 0.1)]
+    ref_params, ref = same_as_reference(backend, values, grads, weight_decay=0.01, trust_clip=clip)
+    assert ref_params[0].isnan().all() and ref_params[1].isfinite().all()
+    assert all(ref.state[p][k].isfinite().all() for p in ref_params for k in ("exp_avg", "exp_avg_sq"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -119,7 +119,7 @@ def _lamb_ops(tensors, hp, *, grad_scale=None, max_grad_norm=None):
                 norms[q].append(segment_total(partials[q][-1]))
             w_norm, u_norm = math.sqrt(float(norms[0][-1])), math.sqrt(float(norms[1][-1]))
             r = w_norm / u_norm if w_norm > 0.0 and u_norm > 0.0 else 1.0
-            if hp["trust_clip"] is not None:
+            if hp["trust_clip"] is not None and not math.isnan(r):  # NaN (inf / inf) stays NaN
                 r = min(max(r, hp["trust_clip"][0]), hp["trust_clip"][1])
         theta = _fma(_f32(-(lr * r)), e["u"], e["theta"])
         e.update(param=theta.to(x["param"].dtype), exp_avg=e["m"], exp_avg_sq=e["v"], step=torch.tensor(e["step"]))
@@ -145,7 +145,8 @@ REPLAY = [
 def _replay_one_step(dtype, master, options, scale, monkeypatch, edit=None):
     """From a mid-training state (per-tensor steps, random moments and master weights; then ``edit(params, opt)``
     if given), one native step against the operation-by-operation replay ``_lamb_ops``: the sums on the way and
-    every param, master weight, moment, unscaled grad and step, bit for bit. Returns the params."""
+    every param, master weight, moment, unscaled grad and step, bit for bit (a NaN where the replay has a NaN).
+    Returns the params."""
     seen = []  # (partials, seg_start, out) of every segment_sum of the step
     real_segment_sum = native.segment_sum
 
@@ -182,7 +183,8 @@ def _replay_one_step(dtype, master, options, scale, monkeypatch, edit=None):
     for i, (p, exp) in enumerate(zip(ps, expected)):
         got = dict(param=p.detach(), grad=p.grad, **opt.state[p])
         for key in got:
-            bad = (got[key].reshape(-1).float() != exp[key].reshape(-1).float()).sum().item()
+            a, b = got[key].reshape(-1).float(), exp[key].reshape(-1).float()
+            bad = ((a != b) & ~(a.isnan() & b.isnan())).sum().item()
             assert bad == 0, f"tensor {i} {key}: {bad} of {exp[key].numel()} elements differ from the op order"
     want = ([("grad", (None, sums["grad"].reshape(1, 1)))] if "grad" in sums else []) + \
         ([("norms", (sums["partials"], sums["norms"]))] if "norms" in sums else [])
@@ -219,17 +221,27 @@ def _huge_grad_tiny_params_and_direction(ps, opt):
         opt.state[ps[4]]["exp_avg_sq"].zero_()
 
 
+def _inf_param(ps, opt):
+    """Tensor 1 holds an inf: ‖θ‖ = ‖u‖ = inf (u = a + λ θ), r = inf / inf = NaN."""
+    with torch.no_grad():
+        ps[1][5] = math.inf
+
+
 EXTREME = [
     # (FusedLAMB options, edit): fp32 params, no GradScaler
     (dict(weight_decay=0.0, max_grad_norm=1.0), _huge_grad_tiny_params_and_direction),
+    (dict(weight_decay=0.01, trust_clip=(0.0, 10.0)), _inf_param),
 ]
 
 
-@pytest.mark.parametrize("options,edit", EXTREME, ids=["fp32-squares-overflow-underflow"])
+@pytest.mark.parametrize("options,edit", EXTREME, ids=["fp32-squares-overflow-underflow", "nan-ratio-trust-clip"])
 def test_extreme_magnitudes_are_the_documented_op_order_bit_for_bit(options, edit, monkeypatch):
-    """The replay where fp32 squares would overflow or vanish: the float64 sums of squares keep Σg² finite
-    (c ~ 1e-20, not 0), and ‖θ‖ and ‖u‖ of ~1e-24 non-zero (r = ‖θ‖ / ‖u‖, not 1)."""
-    _replay_one_step(torch.float32, False, options, None, monkeypatch, edit)
+    """The replay where fp32 squares would overflow or vanish, and where the trust ratio is NaN: the float64 sums
+    of squares keep Σg² finite (c ~ 1e-20, not 0), ‖θ‖ and ‖u‖ of ~1e-24 non-zero (r = ‖θ‖ / ‖u‖, not 1), and a NaN
+    ratio stays NaN through the trust clip (the whole tensor NaN, not clamped to the clip's low end)."""
+    ps = _replay_one_step(torch.float32, False, options, None, monkeypatch, edit)
+    if edit is _inf_param:  # the NaN stays in its tensor
+        assert ps[1].isnan().all() and all(p.isfinite().all() for i, p in enumerate(ps) if i != 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,14 @@ for |x| >= 2^64 ~ 1.8e19, loses bits below 2^-63 ~ 1.1e-19 and vanishes below 2^
 summed in float64. The kernels do the same in an order of their own; two float64 sums of the same n squares agree
 to about n 2^-53 relative whatever their orders, which is what the parity tolerances bound (fused_optim/testing.py,
 LAMB).
+
+A NaN trust ratio (‖θ‖ = ‖u‖ = inf: inf / inf) stays NaN through the trust clip, explicitly: Python's ``max(r, lo)``
+keeps a NaN only when it is the first argument, so the clamp is written NaN in, NaN out rather than left to the
+argument order. The step then makes the whole tensor NaN, as it does without a trust clip.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -97,7 +103,7 @@ def lamb(
         w_norm = float(torch.linalg.vector_norm(theta, dtype=torch.float64))
         u_norm = float(torch.linalg.vector_norm(u, dtype=torch.float64))
         r = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
-        if trust_clip is not None:
+        if trust_clip is not None and not math.isnan(r):  # NaN in, NaN out (module docstring)
             r = min(max(r, trust_clip[0]), trust_clip[1])
     else:
         r = 1.0
