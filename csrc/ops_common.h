@@ -12,6 +12,7 @@
 #include <string>
 
 #include "launch.h"
+#include "layout.h"
 
 namespace fused_optim {
 
@@ -104,8 +105,8 @@ inline LaunchGroup launch_group(const char* op, const TablesOnly& only, at::Tens
   return {n, params[0].device(), param_dtype, dtype_of(grads[0], "grads", 0, op), !master_params.empty(), false};
 }
 
-// Checks one tensor list of the launch: length, device, dtype, contiguity, and that every tensor has the numel of
-// its param (`scalar`: one element, for the step tensors).
+// Checks one tensor list of the launch: length, device, dtype, that every tensor has the numel of its param
+// (`scalar`: one element, for the step tensors), and the layout: dense, and laid out like its param (layout.h).
 inline void check_list(const at::TensorList list, const char* what, int64_t n, const at::Device& device,
                        std::optional<at::ScalarType> dtype, const at::TensorList params, bool scalar,
                        const char* op = "fused_optim::adam_") {
@@ -119,15 +120,21 @@ inline void check_list(const at::TensorList list, const char* what, int64_t n, c
       TORCH_CHECK(t.scalar_type() == *dtype, op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
                   ", expected ", *dtype);
     }
-    TORCH_CHECK(t.is_contiguous(), op, ": ", what, "[", i,
-                "] is not contiguous; the native kernels update contiguous tensors (make the param contiguous, or use "
-                "backend='reference')");
     if (scalar) {
       TORCH_CHECK(t.numel() == 1, op, ": ", what, "[", i, "] must be a 1-element step tensor, has ",
                   t.numel(), " elements");
     } else {
       TORCH_CHECK(t.numel() == params[i].numel(), op, ": ", what, "[", i, "] has ", t.numel(),
                   " elements but params[", i, "] has ", params[i].numel());
+      // The kernels walk each tensor's memory flat and pair a param's tensors element by element (layout.h).
+      TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", what, "[", i,
+                  "] has gaps or overlaps in memory; the native kernels update tensors that cover their memory exactly "
+                  "(contiguous, or permuted like torch.channels_last): pass a tensor of its own (.clone()), or use "
+                  "backend='reference'");
+      TORCH_CHECK(laid_out_like(t, params[i]), op, ": ", what, "[", i, "] is laid out unlike params[", i,
+                  "] (strides ", t.strides(), ", the param's ", params[i].strides(),
+                  "); the kernels pair them element by element in memory: lay it out as its param "
+                  "(torch.empty_like(param).copy_(t))");
     }
   }
 }

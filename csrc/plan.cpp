@@ -2,7 +2,7 @@
 // FusedOptimizer._planned_buckets), in C.
 //
 //   plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels,
-//              found, device) -> (result, grads)
+//              found, device, dense_layouts) -> (result, grads)
 //
 // One bucket of n params: `params` (list of n tensors), `states` (list of their n state dicts), `names` (list of k
 // str: the state keys the launch reads, in table order), `present` (list of k: True when every param has that
@@ -13,13 +13,15 @@
 // k * n entries in the order of the states' addresses: the elements the kernels read of each state tensor, -1 where
 // none are read or the param has no such state), and `found`, a writable int64 buffer of the length of
 // `addresses`, into which the addresses read are written in the same order (what a MOVED bucket's new table
-// holds), and `device` (torch.device: the bucket's, which every tensor read must be on). Each param's grad is read here (Tensor.grad, in C++), each state from its dict. Returns
-//   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous) of dtype
-//                `param_dtype` and shape `shapes[i]`, its grad a strided contiguous tensor of dtype `grad_dtype`
-//                and the same shape,
-//                every state dict holds exactly the states `present` says and each is a strided contiguous tensor
-//                of dtype `state_dtype` and the size in `numels`, every one of these tensors is on `device`, and
-//                every address is the one in `addresses`;
+// holds), `device` (torch.device: the bucket's, which every tensor read must be on), and `dense_layouts` (bool:
+// the rule's kernels take params of any dense layout, csrc/layout.h; else contiguous params only). Each param's grad
+// is read here (Tensor.grad, in C++), each state from its dict. Returns
+//   (0, grads)   MATCH: every param is a plain tensor (torch.Tensor or nn.Parameter, strided, contiguous or, with
+//                `dense_layouts`, non-overlapping and dense) of dtype `param_dtype` and shape `shapes[i]`, its grad a
+//                strided tensor of dtype `grad_dtype`, the same shape and laid out like it (layout.h),
+//                every state dict holds exactly the states `present` says and each is a strided tensor of dtype
+//                `state_dtype` and the size in `numels`, laid out as layout.h's `laid_out` asks, every one of these
+//                tensors is on `device`, and every address is the one in `addresses`;
 //                `grads` is the list of the n grads;
 //   (1, grads)   MOVED: all of that except that some address differs: the plan holds, the table takes the addresses
 //                in `found` (tables.with_addresses);
@@ -37,6 +39,8 @@
 #include "plan.h"
 
 #include <cstring>
+
+#include "layout.h"
 
 #include <torch/csrc/Device.h>
 #include <torch/csrc/Dtype.h>
@@ -108,7 +112,8 @@ class AddressWalk {
 // a C++ error in a tensor's accessors (the caller maps it to kChanged).
 long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject* present, at::ScalarType param_dtype,
                   at::ScalarType grad_dtype, const Py_buffer& addresses, PyObject* shapes, at::ScalarType state_dtype,
-                  const Py_buffer& numels, const Py_buffer& found, const at::Device& device, PyObject* grads) {
+                  const Py_buffer& numels, const Py_buffer& found, const at::Device& device, bool dense_layouts,
+                  PyObject* grads) {
   const Py_ssize_t n = PyList_GET_SIZE(shapes), k = PyList_GET_SIZE(names);
   constexpr auto word = static_cast<Py_ssize_t>(sizeof(int64_t));
   if (PyList_GET_SIZE(params) != n || PyList_GET_SIZE(states) != n || PyList_GET_SIZE(present) != k ||
@@ -126,14 +131,15 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
       const at::Tensor& p = THPVariable_Unpack(obj);
       int64_t address = 0;
       if (pass == 0) {
-        if (!strided_address(p, device, &address) || p.scalar_type() != param_dtype || !p.is_contiguous() ||
+        if (!strided_address(p, device, &address) || p.scalar_type() != param_dtype ||
+            !(p.is_contiguous() || (dense_layouts && p.is_non_overlapping_and_dense())) ||
             !same_shape(p, PyList_GET_ITEM(shapes, i)))
           return kChanged;
       } else {
         const at::Tensor& g = p.grad();
         // The grad's shape too: autograd keeps it equal to the param's, but `grad.data = ...` and resize_() do not.
-        if (!strided_address(g, device, &address) || g.scalar_type() != grad_dtype || !g.is_contiguous() ||
-            g.sizes() != p.sizes())
+        if (!strided_address(g, device, &address) || g.scalar_type() != grad_dtype || g.sizes() != p.sizes() ||
+            !laid_out_like(g, p))
           return kChanged;
         PyObject* wrapped = THPVariable_Wrap(g);  // the grad's Python object (new reference)
         if (wrapped == nullptr) {
@@ -171,7 +177,8 @@ long bucket_match(PyObject* params, PyObject* states, PyObject* names, PyObject*
       if (in_dict) {
         if (!THPVariable_Check(value)) return kChanged;
         const at::Tensor& t = THPVariable_Unpack(value);
-        if (!strided_address(t, device, &address) || t.scalar_type() != state_dtype || !t.is_contiguous() ||
+        const at::Tensor& p = THPVariable_Unpack(PyList_GET_ITEM(params, i));  // an exact tensor: checked above
+        if (!strided_address(t, device, &address) || t.scalar_type() != state_dtype || !laid_out(t, p) ||
             (size >= 0 && t.numel() != size))
           return kChanged;
       }
@@ -209,9 +216,9 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   static const char* usage = "plan_match(params: list, states: list, names: list, present: list, param_dtype: "
                              "torch.dtype, grad_dtype: torch.dtype, addresses: array('q'), shapes: list, "
                              "state_dtype: torch.dtype, numels: array('q'), found: array('q'), writable, "
-                             "device: torch.device)";
-  if (nargs != 12) {
-    PyErr_Format(PyExc_TypeError, "%s takes 12 arguments, got %zd", usage, nargs);
+                             "device: torch.device, dense_layouts: bool)";
+  if (nargs != 13) {
+    PyErr_Format(PyExc_TypeError, "%s takes 13 arguments, got %zd", usage, nargs);
     return nullptr;
   }
   PyObject *params = args[0], *states = args[1], *names = args[2], *present = args[3], *shapes = args[7];
@@ -219,7 +226,7 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   if (!PyList_Check(params) || !PyList_Check(states) || !PyList_Check(names) || !PyList_Check(present) ||
       !THPDtype_Check(args[4]) || !THPDtype_Check(args[5]) || !PyList_Check(shapes) || !THPDtype_Check(args[8]) ||
       !addresses.get(args[6]) || !numels.get(args[9]) || !found.get(args[10], /*writable=*/true) ||
-      !THPDevice_Check(args[11])) {
+      !THPDevice_Check(args[11]) || !PyBool_Check(args[12])) {
     PyErr_SetString(PyExc_TypeError, usage);
     return nullptr;
   }
@@ -229,7 +236,8 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   try {
     const auto dtype = [&](int at) { return reinterpret_cast<THPDtype*>(args[at])->scalar_type; };
     result = bucket_match(params, states, names, present, dtype(4), dtype(5), addresses.view(), shapes, dtype(8),
-                          numels.view(), found.view(), reinterpret_cast<THPDevice*>(args[11])->device, grads);
+                          numels.view(), found.view(), reinterpret_cast<THPDevice*>(args[11])->device,
+                          args[12] == Py_True, grads);
   } catch (const std::exception&) {
     result = kChanged;  // e.g. a tensor whose data_ptr() throws: the full path decides
   }
@@ -245,7 +253,7 @@ PyObject* plan_match(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
 PyMethodDef plan_methods[] = {
     {"plan_match", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plan_match)), METH_FASTCALL,
      "plan_match(params, states, names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, "
-     "found, device) -> (0, grads) (match), (1, grads) (moved: addresses differ, the new ones in found) or (2, None) "
+     "found, device, dense_layouts) -> (0, grads) (match), (1, grads) (moved: addresses differ, the new ones in found) or (2, None) "
      "(changed): the step plan's per-tensor check (csrc/plan.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 

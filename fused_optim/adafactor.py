@@ -81,6 +81,7 @@ class FusedAdafactor(FusedOptimizer):
     """
 
     rule = "adafactor"
+    dense_layouts = False  # the kernels read rows and columns of the params' 2-D views: contiguous params only
     state_keys = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq", "exp_avg")
 
     def __init__(

@@ -75,14 +75,15 @@ def _address_or_0(t) -> int:
 
 def _plan_match_py(params: list, states: list, names: list, present: list, param_dtype, grad_dtype,
                    addresses: array, shapes: list, state_dtype, numels: array, found: array,
-                   device: torch.device) -> tuple:
+                   device: torch.device, dense_layouts: bool) -> tuple:
     """The step plan's per-tensor check of one bucket; ``plan_match`` of the native extension (csrc/plan.cpp, whose
     comment says what each argument is) is the same check in C, used when the extension is there;
     tests/test_step_plan.py runs both on the same cases. Reads every param's grad and, from the params' state dicts,
     the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
-    ``addresses``) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or went, another dtype,
-    shape or contiguity, of a param or of its grad, a state tensor of another dtype, size (``numels``, -1: any) or
-    layout, a tensor not on ``device``, anything unexpected: take the full path). The addresses read are written
+    ``addresses``) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or went, another dtype
+    or shape of a param or of its grad, a param not contiguous (with ``dense_layouts``: not dense), a grad or state
+    tensor laid out unlike its param (``tables._laid_out``), a state tensor of another dtype or size (``numels``,
+    -1: any), a tensor not on ``device``, anything unexpected: take the full path). The addresses read are written
     into ``found``."""
     n = len(shapes)
     if (len(params) != n or len(states) != n or len(present) != len(names) or len(addresses) != (2 + len(names)) * n
@@ -97,9 +98,14 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                 and all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))  # a missing grad raises
                 and all(map(is_, map(_DTYPE, params), repeat(param_dtype)))
                 and all(map(is_, map(_DTYPE, grads), repeat(grad_dtype)))
-                and all(map(_CONTIGUOUS, params)) and all(map(_CONTIGUOUS, grads))
                 and list(map(_SHAPE, params)) == shapes and list(map(_SHAPE, grads)) == shapes
                 and all(map(device.__eq__, map(_DEVICE, params))) and all(map(device.__eq__, map(_DEVICE, grads)))):
+            return _CHANGED, None
+        flat = all(map(_CONTIGUOUS, params))  # the common case: every tensor must be contiguous
+        if flat:
+            if not all(map(_CONTIGUOUS, grads)):
+                return _CHANGED, None
+        elif not (dense_layouts and all(map(tables.dense, params)) and all(map(tables.laid_out_like, grads, params))):
             return _CHANGED, None
         seen = list(map(_PTR, params)) + list(map(_PTR, grads))
         for j, (name, has) in enumerate(zip(names, present)):
@@ -107,9 +113,10 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
             if tuple(map(is_not, values, repeat(None))) != (has if has is not True else (True,) * n):
                 return _CHANGED, None  # a state appeared or went: lazy init decides
             # A non-tensor raises; a tensor at an unchanged address can still have another size or dtype.
-            if not all(v is None or (v.layout is torch.strided and v.dtype is state_dtype and v.is_contiguous()
+            if not all(v is None or (v.layout is torch.strided and v.dtype is state_dtype
+                                     and (v.is_contiguous() if flat else tables._laid_out(v, p))
                                      and want in (-1, v.numel()) and v.device == device)
-                       for v, want in zip(values, numels[j * n:(j + 1) * n])):
+                       for v, want, p in zip(values, numels[j * n:(j + 1) * n], params)):
                 return _CHANGED, None
             seen.extend(map(_address_or_0, values))
     except Exception:  # a non-tensor, a tensor without storage
@@ -205,6 +212,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # The param-group options that decide which state a param has (besides its dtype and shape): a step whose group
     # changed one of them since the last step runs lazy state init again (see ``_planned_buckets``).
     state_options: tuple = ("master_weights",)
+    # The fused kernels of an elementwise rule walk each operand's memory flat, pairing a param's grad and state
+    # with it element by element: any dense layout (torch.channels_last, a transposed matrix) does, shared by all
+    # of them (tables.laid_out_like). A rule that reads rows and columns (Adafactor) takes contiguous params only.
+    dense_layouts: bool = True
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale/found_inf instead of unscaling itself
 
     def __init__(self, params, defaults: dict):
@@ -314,7 +325,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         Runs for every param at every step, so the per-param work is a handful of attribute reads (about 1 us
         for a param, measured); what holds for a whole bucket (backend, dtype support, lr device) is checked when
         the bucket is first seen. A grad's shape, dtype and device need no check: torch refuses to assign a grad
-        that differs from its param in any of them. Its layout (sparse) and strides it does not check."""
+        that differs from its param in any of them. Its layout (sparse) and strides it does check: the kernels
+        pair it with its param element by element in memory (``_check_layout``)."""
         name = type(self).__name__
         buckets: dict = {}
         global _DTENSOR
@@ -344,22 +356,35 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{name}: {self._where(gi, i)} has a sparse gradient; {name} supports dense "
                                        "gradients only (torch.optim.SparseAdam handles sparse embeddings)")
                 if bucket.backend != "reference" and not (lp.is_contiguous() and lg.is_contiguous()):
-                    if not lp.is_contiguous():
-                        what, t, fix = "param", lp, (
-                            "make the parameter contiguous before creating the optimizer (a model converted to "
-                            "torch.channels_last: convert it back with .to(memory_format=torch.contiguous_format)), "
-                            "or use backend='reference'")
-                    else:
-                        what, t, fix = "grad", lg, "assign the param a contiguous grad (grad.contiguous())"
-                    raise RuntimeError(
-                        f"{name}: {self._where(gi, i)} has a non-contiguous {what} (shape {tuple(t.shape)}, strides "
-                        f"{t.stride()}); backend={bucket.backend!r} updates contiguous tensors only: {fix}")
+                    self._check_layout(lp, lg, gi, i, bucket.backend)
                 bucket.params.append(p)
                 bucket.index.append(i)
                 bucket.grads.append(lg)
                 if lp is not p:
                     bucket.sharded = True
         return list(buckets.values())
+
+    def _check_layout(self, p: Tensor, g: Tensor, gi: int, i: int, backend: str) -> None:
+        """Raises unless the fused kernels can take param ``p`` (local) and its grad ``g``, not both contiguous:
+        see ``dense_layouts``."""
+        name, where = type(self).__name__, self._where(gi, i)
+        if not self.dense_layouts and not p.is_contiguous():
+            raise RuntimeError(
+                f"{name}: {where} is not contiguous (shape {tuple(p.shape)}, strides {p.stride()}); "
+                f"backend={backend!r} reads the rows and columns of contiguous params only: make the parameter "
+                "contiguous before creating the optimizer (a model converted to torch.channels_last: convert it back "
+                "with .to(memory_format=torch.contiguous_format)), or use backend='reference'")
+        if not tables.dense(p):
+            raise RuntimeError(
+                f"{name}: {where} is a strided view with gaps or overlaps (shape {tuple(p.shape)}, strides "
+                f"{p.stride()}); backend={backend!r} updates params that cover their memory exactly (contiguous, or "
+                "permuted like torch.channels_last): make the parameter a tensor of its own (.clone()), or use "
+                "backend='reference'")
+        if not tables.laid_out_like(g, p):
+            raise RuntimeError(
+                f"{name}: the grad of {where} is laid out unlike its param (strides {g.stride()}, the param's "
+                f"{p.stride()}); backend={backend!r} pairs grad and param element by element in memory: assign a "
+                "grad laid out like its param (torch.empty_like(param).copy_(grad)), or use backend='reference'")
 
     def _group_hyperparameters(self, group: dict, device: torch.device) -> dict:
         hp = self._rule_hyperparameters(group)
@@ -453,8 +478,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     # grad on the params that had none; per bucket the same state dicts (looked up only when ``self.state`` is not
     # the unchanged _State the plan saw), and, in one call per bucket (``plan_match`` of the native extension,
     # csrc/plan.cpp, or the same check in Python, ``_plan_match_py``, without it), every param's grad, the params'
-    # dtype, shape, contiguity, device and addresses, the grads' dtype, shape, contiguity, device and addresses,
-    # which state tensors each param has, their addresses, dtypes, contiguity, devices and sizes. Anything different
+    # dtype, shape, layout, device and addresses, the grads' dtype, shape, layout, device and addresses,
+    # which state tensors each param has, their addresses, dtypes, layouts, devices and sizes. Anything different
     # (or raising, e.g. a sparse grad) and the step takes the full path above, which checks and raises as before and
     # records a new plan. New grad objects at new addresses keep the plan: the table takes the addresses plan_match
     # read (tables.with_addresses: new address tables, the same map). A tensor moved to another device
@@ -464,7 +489,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Adafactor operators (and LAMB's gradient-norm pass) with their tables alone (backends._run_native,
     # grad_sq_norm; csrc/ops_common.h, TablesOnly; csrc/adafactor_ops.h). The checks here stand in for the
     # operator's (and for tables.check_operands): every address equal to the table's, the params' and grads' dtype,
-    # shape, contiguity and device, the state tensors' dtype, contiguity, device and sizes.
+    # shape, layout and device, the state tensors' dtype, layout, device and sizes.
     def _plan_signature(self, group: dict) -> tuple:
         lr = group["lr"]
         return (group["backend"], lr.device if isinstance(lr, Tensor) else None,
@@ -538,7 +563,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         return None
                     found, grads = match(bp.params, b.states, bp.state_names, bp.state_present, b.param_dtype,
                                          b.grad_dtype, bp.addresses, bp.shapes, STATE_DTYPE, bp.numels, bp.found,
-                                         b.device)
+                                         b.device, self.dense_layouts)
                     if found == _CHANGED:
                         return None
                     buckets.append((b, grads, bp))
@@ -586,7 +611,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             post.remove()
 
     def _fix_loaded_state(self, state_dict: dict) -> None:
-        """Put back the fp32 state torch's load_state_dict cast to the params' dtype, from ``state_dict``."""
+        """Put back the fp32 state torch's load_state_dict cast to the params' dtype, from ``state_dict``, laid out as
+        its param (a checkpoint of a contiguous model loads into a channels_last one)."""
         saved_state = state_dict["state"]
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -602,6 +628,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key == "step":
                     state[key] = value.to(device=p.device, dtype=torch.float32)
                 elif value.is_floating_point():
-                    state[key] = value.to(device=p.device, dtype=state_dtype(p))
+                    value = value.to(device=p.device, dtype=state_dtype(p))
+                    if value.shape == p.shape and _local(p) is p and not tables.laid_out_like(value, p):
+                        # Saved from a param of another memory format: the kernels pair state and param element
+                        # by element in memory, so the state takes the param's layout (the same values).
+                        value = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    state[key] = value
         self._tables = {}
         self._plan = None

@@ -106,14 +106,42 @@ _NUMEL, _CONTIGUOUS = torch.Tensor.numel, torch.Tensor.is_contiguous
 _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
 
 
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its memory exactly once, with no gaps (torch's "non-overlapping and dense"): contiguous,
+    or with its dimensions permuted in memory (``torch.channels_last``, a transposed matrix). Its ``numel()``
+    elements then lie from ``data_ptr()`` on, in some order, which is all an elementwise kernel needs."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``t`` keeps its elements in the order ``like`` does, so that a kernel walking both memories in step
+    pairs equal indices: both contiguous (in flat order, whatever their shapes), or the same shape and the same
+    strides in every dimension of more than one element (a dimension of one element moves nothing). The same
+    check as csrc/layout.h's."""
+    if t.is_contiguous() and like.is_contiguous():
+        return True
+    return t.shape == like.shape and all(a == b for a, b, n in zip(t.stride(), like.stride(), like.shape) if n != 1)
+
+
 def check_operands(operands: dict, expect: dict, device: torch.device | None = None, where=None) -> None:
-    """Every tensor of every operand but the first (the params, which the caller checks) is what the kernels read
-    and write through a table: ``expect[name][i]`` elements (None: not read), and for optimizer state a contiguous
-    STATE_DTYPE tensor; with ``device``, on that device; an ALL_OR_NONE operand held by every tensor or by none.
-    Raises ValueError naming the first that is not (its param as ``where(i)`` says, e.g. "param 3 of param group
-    1"), before anything is written: the kernels would read and write it out of bounds or misread it. Runs
-    whenever a table is built or reused with operand lists read afresh; the all-good case costs about 0.25 us a
-    tensor."""
+    """Every tensor of every operand but the first (the params, which the caller checks: :func:`dense`, and for
+    row and column rules contiguous) is what the kernels read and write through a table: ``expect[name][i]``
+    elements (None: not read); where that is its param's element count (grads, moments, master weights) laid out
+    like its param (:func:`laid_out_like`), for the kernels pair the two memories element by element, else
+    contiguous (step counters, Adafactor's row and column statistics); for optimizer state a STATE_DTYPE tensor;
+    with ``device``, on that device; an ALL_OR_NONE operand held by every tensor or by none. Raises ValueError
+    naming the first that is not (its param as ``where(i)`` says, e.g. "param 3 of param group 1"), before
+    anything is written: the kernels would read and write it out of bounds or misread it. Runs whenever a table is
+    built or reused with operand lists read afresh; the all-good case costs about 0.25 us a tensor."""
+    params = next(iter(operands.values()))
+    flat = all(map(_CONTIGUOUS, params))  # then "laid out like its param" is "contiguous"
     for name, tensors in list(operands.items())[1:]:
         want, state = expect[name], name not in NOT_STATE
         present = list(map(is_not, tensors, repeat(None)))  # (list.count(None) would call Tensor.__eq__)
@@ -127,17 +155,19 @@ def check_operands(operands: dict, expect: dict, device: torch.device | None = N
                              "delete the entries, or let the optimizer create them (its master_weights option)")
         if all(present) and None not in want:  # the common case, in bulk (C-level map calls)
             if (list(map(_NUMEL, tensors)) == want
-                    and (not state or (all(map(is_, map(_DTYPE, tensors), repeat(STATE_DTYPE)))
-                                       and all(map(_CONTIGUOUS, tensors))))
+                    and (not state or all(map(is_, map(_DTYPE, tensors), repeat(STATE_DTYPE))))
+                    and (all(map(_CONTIGUOUS, tensors)) if flat or name in SCALAR_OPERANDS
+                         else all(map(_laid_out, tensors, params)))
                     and (device is None or all(map(device.__eq__, map(_DEVICE, tensors))))):
                 continue
         elif all(t is None or ((n is None or t.numel() == n)
-                               and (not state or (t.dtype is STATE_DTYPE and t.is_contiguous()))
+                               and (not state or t.dtype is STATE_DTYPE)
+                               and _laid_out(t, p)
                                and (device is None or t.device == device))
-                 for t, n in zip(tensors, want)):
+                 for t, n, p in zip(tensors, want, params)):
             continue
         # find the first offender and name it
-        for i, (t, n) in enumerate(zip(tensors, want)):
+        for i, (t, n, p) in enumerate(zip(tensors, want, params)):
             if t is None:
                 continue
             what = "the grad" if name == "grad" else f"optimizer state {name!r}"
@@ -148,10 +178,27 @@ def check_operands(operands: dict, expect: dict, device: torch.device | None = N
                 raise ValueError(f"{at} has {t.numel()} elements, expected {n} for its param; {fix}")
             if state and t.dtype is not STATE_DTYPE:
                 raise ValueError(f"{at} has dtype {t.dtype}, expected {STATE_DTYPE}; {fix}")
-            if state and not t.is_contiguous():
-                raise ValueError(f"{at} is not contiguous (strides {tuple(t.stride())}); {fix}")
+            if not _laid_out(t, p):
+                if t.numel() != p.numel():
+                    raise ValueError(f"{at} is not contiguous (strides {tuple(t.stride())}); {fix}")
+                if state:
+                    fix = ("the kernels pair state and param element by element; a param converted with "
+                           ".to(memory_format=...) after its state was made: save and load the optimizer's "
+                           "state_dict (loading lays state out as its param), or convert the model before creating "
+                           "the optimizer")
+                else:
+                    fix = ("the kernels pair grad and param element by element: assign a grad laid out like its "
+                           "param (torch.empty_like(param).copy_(grad))")
+                raise ValueError(f"{at} is laid out unlike its param (shape {tuple(t.shape)}, strides "
+                                 f"{tuple(t.stride())}; the param's: {tuple(p.shape)}, {tuple(p.stride())}); {fix}")
             if device is not None and t.device != device:
                 raise ValueError(f"{at} is on {t.device}, its param on {device}; {fix}")
+
+
+def _laid_out(t: torch.Tensor, param: torch.Tensor) -> bool:
+    """The layout :func:`check_operands` asks of an operand tensor ``t`` of ``param``: laid out like the param when
+    the kernels pair the two element by element (``t`` has the param's element count), else contiguous."""
+    return laid_out_like(t, param) if t.numel() == param.numel() else t.is_contiguous()
 
 
 def _expect(names: list, numels: list, compact: dict | None = None) -> dict:

@@ -448,16 +448,23 @@ class ParityRun(NamedTuple):
     ref_max_abs: list  # per param, elementwise max over the run of |theta| of the reference (fp32)
 
 
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def run_parity(cls, backend: str, dtype: torch.dtype, kwargs: dict, *, shapes, grad_scales, device,
-               steps: int = 20, lr=1e-2, master: bool = False, seed: int = 0) -> ParityRun:
+               steps: int = 20, lr=1e-2, master: bool = False, seed: int = 0, layout=None) -> ParityRun:
     """Step ``cls(..., backend=backend)`` and ``cls(..., backend="reference")`` side by side on identical grads.
 
     Params are random in ``dtype`` with ``shapes``; the grads of tensor i are N(0, grad_scales[i]^2); steps in
     ``BIG_LR_STEPS`` use 20x the learning rate. ``lr`` may be a 1-element tensor (given to the fused optimizer as
-    a tensor on ``device``).
+    a tensor on ``device``). ``layout``: a function giving a tensor's values in the memory layout to test (e.g.
+    ``torch.channels_last``), applied to every param and grad; the same values as without it.
     """
     gen = torch.Generator().manual_seed(seed)
-    fused_params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    layout = layout or _as_is
+    fused_params = [layout(torch.randn(s, generator=gen).to(device=device, dtype=dtype)).requires_grad_()
+                    for s in shapes]
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
     lr_f = lr.detach().clone().to(device) if isinstance(lr, torch.Tensor) else lr
     fused = cls(fused_params, lr=lr_f, backend=backend, master_weights=master, **kwargs)
@@ -474,7 +481,7 @@ def run_parity(cls, backend: str, dtype: torch.dtype, kwargs: dict, *, shapes, g
             else:
                 group["lr"] = step_lr
         for pf, pr, scale in zip(fused_params, ref_params, grad_scales):
-            g = (torch.randn(pf.shape, generator=gen) * scale).to(device=device, dtype=dtype)
+            g = layout((torch.randn(pf.shape, generator=gen) * scale).to(device=device, dtype=dtype))
             pf.grad = g.clone()
             pr.grad = g.clone()
         fused.step()
@@ -670,7 +677,7 @@ def _lamb_resync(fused, ref, fused_params, ref_params) -> None:
 
 def lamb_parity(cls, backend: str, dtype: torch.dtype, group_kwargs, *, shapes, grad_scales, device,
                 steps: int = 20, master: bool = False, max_grad_norm=None, seed: int = 0, resync: bool = True,
-                lr: float = 1e-2, lr_tensor: bool = False, zero=(), exact_grads: bool = False):
+                lr: float = 1e-2, lr_tensor: bool = False, zero=(), exact_grads: bool = False, layout=None):
     """Step ``cls(..., backend=backend)`` (FusedLAMB) and a reference one side by side on identical grads and check,
     after every step, params (and master weights) and moments against the bounds of the LAMB section above.
 
@@ -678,7 +685,7 @@ def lamb_parity(cls, backend: str, dtype: torch.dtype, group_kwargs, *, shapes, 
     ``i % len``). Params are random in ``dtype`` (those listed in ``zero`` start at 0); the grads of tensor i are
     N(0, grad_scales[i]^2), or with ``exact_grads`` small integers times 2^-4 (their squares sum exactly: the
     same clip coefficient on both sides). Steps in ``BIG_LR_STEPS`` use 20x ``lr``; ``lr_tensor`` gives the
-    fused optimizer its lr as a device tensor.
+    fused optimizer its lr as a device tensor; ``layout`` as in :func:`run_parity`.
 
     Every step is checked from the gaps that entered it (measured exactly: both states are known) with
     ``lamb_theta_bound`` and ``lamb_moment_bounds``. ``resync=True``: before every step the fused params and state
@@ -691,7 +698,9 @@ def lamb_parity(cls, backend: str, dtype: torch.dtype, group_kwargs, *, shapes, 
     Returns (ParityRun, checks) with checks as (what, error, bound); raises AssertionError on a broken invariant
     that has no tolerance (state keys, step counts, state dtype)."""
     gen = torch.Generator().manual_seed(seed)
-    fused_params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    layout = layout or _as_is
+    fused_params = [layout(torch.randn(s, generator=gen).to(device=device, dtype=dtype)).requires_grad_()
+                    for s in shapes]
     with torch.no_grad():
         for i in zero:
             fused_params[i].zero_()
@@ -727,7 +736,7 @@ def lamb_parity(cls, backend: str, dtype: torch.dtype, group_kwargs, *, shapes, 
                 g = torch.randint(-8, 9, pf.shape, generator=gen).float() * 2.0 ** -4
             else:
                 g = torch.randn(pf.shape, generator=gen) * scale
-            g = g.to(device=device, dtype=dtype)
+            g = layout(g.to(device=device, dtype=dtype))
             pf.grad, pr.grad = g.clone(), g.clone()
         g64 = [p.grad.double().cpu().numpy() for p in ref_params]
         c = global_clip_f64(g64, max_grad_norm)

@@ -243,13 +243,14 @@ BAD_OPERANDS = {
     "exp_avg bf16": ("adamw", "exp_avg", lambda t: t.to(torch.bfloat16), "has dtype torch.bfloat16, expected "
                      "torch.float32"),
     "step float64": ("adamw", "step", lambda t: t.to(torch.float64), "has dtype torch.float64"),
-    "exp_avg_sq transposed": ("lamb", "exp_avg_sq", _transposed, r"is not contiguous \(strides \(1, 4\)\)"),
+    "exp_avg_sq transposed": ("lamb", "exp_avg_sq", _transposed, r"is laid out unlike its param \(shape \(4, 6\), "
+                              r"strides \(1, 4\); the param's: \(4, 6\), \(6, 1\)\)"),
     "exp_avg as int32, same address": ("adamw", "exp_avg", lambda t: t.view(torch.int32), "has dtype torch.int32"),
     "exp_avg resized, same address": ("lamb", "exp_avg", lambda t: t.resize_(5), "has 5 elements, expected 24"),
     "row statistics resized, same address": ("adafactor", "exp_avg_sq_row", lambda t: t.resize_(2),
                                              "has 2 elements, expected 4"),
     "exp_avg strided, same address": ("adafactor", "exp_avg", lambda t: t.as_strided((4, 6), (1, 4)),
-                                      "is not contiguous"),
+                                      "is laid out unlike its param"),
     "grad sliced, same address": ("adamw", "grad", lambda t: t.view(-1)[:8], "has 8 elements, expected 24"),
 }
 
@@ -347,17 +348,17 @@ def _errors():
     emb = torch.randn(10, 3, device=DEVICE).requires_grad_()
     cases["sparse"] = (emb, torch.sparse_coo_tensor([[1, 2]], torch.ones(2, 3), (10, 3),
                                                      check_invariants=True).to(DEVICE), "sparse gradient")
-    base = torch.randn(4, 6, device=DEVICE)
-    nc = torch.nn.Parameter(base.t())
-    cases["non-contiguous"] = (nc, torch.randn(6, 4, device=DEVICE), "non-contiguous param.*make the parameter "
-                               "contiguous.*channels_last")
-    cases["non-contiguous grad"] = (torch.nn.Parameter(torch.randn(6, 4, device=DEVICE)), base.t(),
-                                    r"non-contiguous grad.*assign the param a contiguous grad \(grad.contiguous")
+    base = torch.randn(4, 12, device=DEVICE)
+    gappy = torch.nn.Parameter(base[:, ::2])  # every other column: gaps in memory
+    cases["param with gaps"] = (gappy, torch.randn(12, 4, device=DEVICE).t()[:, ::2],
+                               r"is a strided view with gaps or overlaps.*\.clone\(\)")
+    cases["grad laid out unlike"] = (torch.nn.Parameter(torch.randn(6, 4, device=DEVICE)), base[:, :6].t(),
+                                    r"the grad of .* is laid out unlike its param.*torch.empty_like\(param\)")
     return cases
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["sparse", "non-contiguous", "non-contiguous grad"])
+@pytest.mark.parametrize("kind", ["sparse", "param with gaps", "grad laid out unlike"])
 def test_bad_param_errors_before_any_state_is_touched(backend, kind):
     good = torch.randn(5, device=DEVICE).requires_grad_()
     bad, bad_grad, match = _errors()[kind]

@@ -320,10 +320,10 @@ def test_transposed_param_is_refused_untouched():
     opt, params = _make(FACTORIES["adamw"], planned=True)
     _grads(params, 0)
     opt.step()
-    params[0].data = params[0].data.t()  # same address and shape, no longer contiguous
+    params[0].data = params[0].data.t()  # same address and shape, column-major: its grad is not laid out like it
     before = [p.detach().clone() for p in params]
     state = {k: v.clone() for k, v in opt.state[params[1]].items()}
-    with pytest.raises(RuntimeError, match=r"param 0 of param group 0 has a non-contiguous param"):
+    with pytest.raises(RuntimeError, match=r"the grad of param 0 of param group 0 is laid out unlike its param"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.equal(opt.state[params[1]][k], v) for k, v in state.items())
@@ -546,8 +546,8 @@ def test_table_only_grad_norm_arguments_are_checked():
 
 def _match_cases():
     """(name, args of plan_match, expected result): one case per thing the check reads. Arguments: params, states,
-    names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, found, device
-    (csrc/plan.cpp)."""
+    names, present, param_dtype, grad_dtype, addresses, shapes, state_dtype, numels, found, device,
+    dense_layouts (csrc/plan.cpp)."""
     from fused_optim.optimizer import _CHANGED, _MATCH, _MOVED
     f32, bf16 = torch.float32, torch.bfloat16
 
@@ -561,7 +561,7 @@ def _match_cases():
                           + [s["exp_avg"].data_ptr() for s in states] + [states[0]["max_exp_avg_sq"].data_ptr(), 0])
         numels = array("q", [6, 4, 6, -1])  # -1: the second param has no max_exp_avg_sq
         return [ps, states, ["exp_avg", "max_exp_avg_sq"], [True, (True, False)], f32, f32, addresses,
-                [p.shape for p in ps], f32, numels, array("q", [-1] * len(addresses)), torch.device("cpu")]
+                [p.shape for p in ps], f32, numels, array("q", [-1] * len(addresses)), torch.device("cpu"), True]
 
     def case(name, change, expected):
         args = bucket()
@@ -580,6 +580,14 @@ def _match_cases():
     class Sub(torch.Tensor):
         pass
 
+    def transposed(a, keep=(), make=lambda: torch.zeros(3, 2).t()):
+        """Param 0, its grad and its states (but ``keep``) anew, laid out as ``make()`` (a 2 x 3 tensor)."""
+        set_data(a[0][0], make())
+        regrad(a[0][0], make())
+        for key in ("exp_avg", "max_exp_avg_sq"):
+            if key not in keep:
+                put(a[1][0], key, make())
+
     def with_grad(t):
         t.grad = torch.zeros(t.shape, device=t.device)
         return t
@@ -595,8 +603,15 @@ def _match_cases():
         case("param dtype", lambda a: put(a, 4, bf16), _CHANGED),
         case("grad dtype", lambda a: put(a, 5, bf16), _CHANGED),
         case("param shape, same numel", lambda a: set_data(a[0][0], a[0][0].data.view(3, 2)), _CHANGED),
-        case("non-contiguous grad", lambda a: regrad(a[0][0], torch.zeros(3, 2).t()), _CHANGED),
-        case("non-contiguous param", lambda a: set_data(a[0][0], a[0][0].data.view(3, 2).t()), _CHANGED),
+        case("grad laid out unlike its param", lambda a: regrad(a[0][0], torch.zeros(3, 2).t()), _CHANGED),
+        # a dense param of another layout (column-major): taken when its grad and state are laid out like it
+        case("transposed param, its grad and state contiguous", lambda a: set_data(a[0][0], torch.zeros(3, 2).t()),
+             _CHANGED),
+        case("transposed param, grad and state laid out like it", lambda a: transposed(a), _MOVED),
+        case("transposed param, state contiguous", lambda a: transposed(a, ("exp_avg",)), _CHANGED),
+        case("transposed param, contiguous params only", lambda a: (transposed(a), put(a, 12, False)), _CHANGED),
+        case("param with gaps, grad and state laid out like it", lambda a: transposed(a, make=lambda: torch.zeros(
+            2, 6)[:, ::2]), _CHANGED),
         case("a missing grad", lambda a: regrad(a[0][1], None), _CHANGED),
         case("sparse grad", lambda a: regrad(a[0][1], torch.zeros(4).to_sparse()), _CHANGED),
         case("a non-tensor state", lambda a: put(a[1][1], "exp_avg", 1.0), _CHANGED),
@@ -656,23 +671,25 @@ def test_plan_checks_in_c_and_python_agree(plan_check):
 def test_plan_match_refuses_wrong_argument_types():
     match = fused_optim.native.load().plan_match  # the extension's (the Python check takes any sequences)
     f32, q, cpu = torch.float32, array("q"), torch.device("cpu")
-    with pytest.raises(TypeError, match="takes 12 arguments"):
+    with pytest.raises(TypeError, match="takes 13 arguments"):
         match([], [])
     with pytest.raises(TypeError, match="param_dtype: torch.dtype"):
-        match([], [], [], [], "float32", f32, q, [], f32, q, q, cpu)
+        match([], [], [], [], "float32", f32, q, [], f32, q, q, cpu, True)
     with pytest.raises(TypeError, match="state_dtype: torch.dtype"):
-        match([], [], [], [], f32, f32, q, [], "float32", q, q, cpu)
+        match([], [], [], [], f32, f32, q, [], "float32", q, q, cpu, True)
     with pytest.raises(TypeError, match="names: list"):
-        match([], [], ("exp_avg",), [], f32, f32, q, [], f32, q, q, cpu)
+        match([], [], ("exp_avg",), [], f32, f32, q, [], f32, q, q, cpu, True)
     for bad in ([], array("i"), array("d")):  # int64s only, in one buffer
         with pytest.raises(TypeError, match=r"addresses: array\('q'\)"):
-            match([], [], [], [], f32, f32, bad, [], f32, q, q, cpu)
+            match([], [], [], [], f32, f32, bad, [], f32, q, q, cpu, True)
         with pytest.raises(TypeError, match=r"numels: array\('q'\)"):
-            match([], [], [], [], f32, f32, q, [], f32, bad, q, cpu)
+            match([], [], [], [], f32, f32, q, [], f32, bad, q, cpu, True)
         with pytest.raises(TypeError, match=r"found: array\('q'\), writable"):
-            match([], [], [], [], f32, f32, q, [], f32, q, bad, cpu)
+            match([], [], [], [], f32, f32, q, [], f32, q, bad, cpu, True)
     with pytest.raises(TypeError, match=r"found: array\('q'\), writable"):  # a read-only buffer
-        match([], [], [], [], f32, f32, q, [], f32, q, memoryview(array("q")).toreadonly(), cpu)
+        match([], [], [], [], f32, f32, q, [], f32, q, memoryview(array("q")).toreadonly(), cpu, True)
     with pytest.raises(TypeError, match="device: torch.device"):
-        match([], [], [], [], f32, f32, q, [], f32, q, q, "cpu")
-    assert match([], [], [], [], f32, f32, q, [], f32, q, q, cpu) == (0, [])  # an empty bucket matches
+        match([], [], [], [], f32, f32, q, [], f32, q, q, "cpu", True)
+    with pytest.raises(TypeError, match="dense_layouts: bool"):
+        match([], [], [], [], f32, f32, q, [], f32, q, q, cpu, 1)
+    assert match([], [], [], [], f32, f32, q, [], f32, q, q, cpu, True) == (0, [])  # an empty bucket matches
