@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import backends
 from .adam import _scalar
-from .optimizer import FusedOptimizer
+from .optimizer import FusedOptimizer, _local
 from .reference.lamb import clip_coefficient
 
 
@@ -204,6 +204,19 @@ class FusedLAMB(FusedOptimizer):
                     "every group (for group in opt.param_groups: group['max_grad_norm'] = ...)")
 
     # -- FusedOptimizer hooks ---------------------------------------------------------------------------------
+    def _check_param(self, p, gi, i, group):
+        backend = super()._check_param(p, gi, i, group)
+        local = _local(p)
+        if local is not p and local.shape != p.shape:
+            # A shard's norms are not the tensor's: every backend here computes ‖θ‖, ‖u‖ and Σg² of what it holds.
+            raise NotImplementedError(
+                f"{type(self).__name__}: {self._where(gi, i)} is sharded across ranks (a DTensor whose local shard "
+                f"has shape {tuple(local.shape)} of {tuple(p.shape)}, as FSDP2 makes it): its trust ratio needs "
+                "‖θ‖ and ‖u‖ of the whole tensor and max_grad_norm the norm of every shard, and the all-reduce of "
+                "those sums between the two passes is not implemented yet; the shard's own norms would be silently "
+                "wrong. Use replicated or unsharded params for FusedLAMB, or FusedAdamW (elementwise) under FSDP2")
+        return backend
+
     def _init_param_state(self, p, state, group):
         self._init_common_state(p, state, group)
         if "exp_avg" not in state:

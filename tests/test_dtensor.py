@@ -54,3 +54,43 @@ def test_dtensor_params_match_plain_tensors(mesh, backend):
         assert isinstance(od.state[d]["exp_avg"], DTensor), "state stays a DTensor, as torch.optim keeps it"
         assert torch.equal(od.state[d]["max_exp_avg_sq"].full_tensor(), op.state[p]["max_exp_avg_sq"])
         assert float(od.state[d]["step"]) == 4
+
+
+@pytest.mark.parametrize("backend", fused_backends(rule="lamb"))
+def test_lamb_on_dtensors_of_one_rank_matches_plain_tensors(mesh, backend):
+    """A DTensor whose shard is the whole tensor (a one-rank mesh, or replicated) has the tensor's norms: LAMB runs
+    on it, the same kernels on the same data as plain tensors, with max_grad_norm."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    torch.manual_seed(0)
+    full = [torch.randn(8, 5, device=DEVICE), torch.randn(7, device=DEVICE)]
+    dparams = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in full]
+    plain = [torch.nn.Parameter(t.clone()) for t in full]
+    od = fused_optim.FusedLAMB(dparams, lr=1e-2, backend=backend, max_grad_norm=1.0)
+    op = fused_optim.FusedLAMB(plain, lr=1e-2, backend=backend, max_grad_norm=1.0)
+    for _ in range(3):
+        grads = [torch.randn(t.shape, device=DEVICE) for t in full]
+        for d, p, g in zip(dparams, plain, grads):
+            d.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            p.grad = g.clone()
+        od.step()
+        op.step()
+    for d, p in zip(dparams, plain):
+        assert torch.equal(d.full_tensor(), p.detach())
+
+
+@pytest.mark.parametrize("backend", ("reference",) + fused_backends(rule="lamb"))
+def test_lamb_refuses_params_sharded_across_ranks(mesh, backend):
+    """A param whose local shard is part of the tensor (FSDP2 on several ranks; made here on one rank with
+    DTensor.from_local and a larger global shape): the shard's norms are not the tensor's, and no backend reduces
+    them across ranks yet, so FusedLAMB refuses it when the group is added, naming it, rather than step wrongly."""
+    from torch.distributed.tensor import DTensor, Shard
+    whole = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    shard = torch.nn.Parameter(DTensor.from_local(torch.randn(4, 5, device=DEVICE), mesh, [Shard(0)],
+                                                  run_check=False, shape=torch.Size((8, 5)), stride=(5, 1)))
+    with pytest.raises(NotImplementedError, match=r"FusedLAMB: param 1 of param group 0 is sharded across ranks "
+                                                  r"\(a DTensor whose local shard has shape \(4, 5\) of \(8, 5\)"):
+        fused_optim.FusedLAMB([whole, shard], backend=backend)
+    opt = fused_optim.FusedLAMB([whole], backend=backend)
+    with pytest.raises(NotImplementedError, match="param 0 of param group 1 is sharded across ranks"):
+        opt.add_param_group({"params": [shard]})
+    assert len(opt.param_groups) == 1
