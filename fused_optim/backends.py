@@ -265,8 +265,11 @@ def _run_reference(bucket, rule, hp, grad_scale, found_inf):
     if found_inf is not None and float(found_inf) != 0.0:
         return
     fn = reference.RULES[rule]
-    for p, g, st in zip(bucket.params, bucket.grads, bucket.states):
+    reduce_sums = hp.get("reduce_sums")  # the per-bucket reduction (FusedLAMB under FSDP2), taken per tensor here
+    for i, (p, g, st) in enumerate(zip(bucket.params, bucket.grads, bucket.states)):
         operands = {n: st.get(n) for n in fn.OPERANDS}
+        if reduce_sums is not None:
+            hp = dict(hp, reduce_sums=reduce_sums.of_tensor(i))
         fn(p, g, **operands, **hp, master_param=st.get("master_param"), grad_scale=grad_scale)
 
 
@@ -304,28 +307,31 @@ def _run_triton(bucket, rule, hp, tables, grad_scale, found_inf):
              grad_scale=grad_scale, found_inf=found_inf)
 
 
-def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, found_inf=None) -> torch.Tensor:
+def grad_sq_norm(bucket: Bucket, rule: str, *, tables: dict, grad_scale=None, found_inf=None,
+                 per_tensor: bool = False) -> torch.Tensor:
     """The sum of squares of every grad of ``bucket`` (divided by ``grad_scale`` first), as a 0-d tensor on
     ``bucket.device``: one bucket's share of a global gradient norm (FusedLAMB's ``max_grad_norm``).
 
     Fused backends compute it on the device, deterministically and without a host synchronization, reading the
     grads through the table ``rule`` uses (built or reused here). With ``found_inf`` set they skip the reads and
-    return 0: the step is skipped anyway. The reference computes it in float64.
+    return 0: the step is skipped anyway. The reference computes it in float64. ``per_tensor``: the sum of each
+    grad, float64 ``[n]``.
     """
     if bucket.backend == "reference":
-        return reference.grad_sq_norm(bucket.grads, grad_scale)
+        return reference.grad_sq_norm(bucket.grads, grad_scale, per_tensor)
     if bucket.backend == "triton":
         from . import kernels
 
         table, _ = _table(bucket, _launcher("triton", rule), tables)
         return kernels.grad_sq_norm(table, grad_dtype=bucket.grad_dtype, grad_scale=grad_scale,
-                                    found_inf=found_inf)
+                                    found_inf=found_inf, per_tensor=per_tensor)
     if bucket.backend == "native":
         table, operands = _table(bucket, _launcher("native", rule), tables)
         if operands is None:  # the step plan checked the grads against this table: pass it alone
             return native.grad_sq_norm(table, None, grad_scale=grad_scale, found_inf=found_inf,
-                                       grad_dtype=bucket.grad_dtype)
-        return native.grad_sq_norm(table, bucket.grads, grad_scale=grad_scale, found_inf=found_inf)
+                                       grad_dtype=bucket.grad_dtype, per_tensor=per_tensor)
+        return native.grad_sq_norm(table, bucket.grads, grad_scale=grad_scale, found_inf=found_inf,
+                                   per_tensor=per_tensor)
     raise ValueError(f"unknown backend {bucket.backend!r}")
 
 

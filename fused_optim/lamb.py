@@ -206,15 +206,11 @@ class FusedLAMB(FusedOptimizer):
     # -- FusedOptimizer hooks ---------------------------------------------------------------------------------
     def _check_param(self, p, gi, i, group):
         backend = super()._check_param(p, gi, i, group)
-        local = _local(p)
-        if local is not p and local.shape != p.shape:
-            # A shard's norms are not the tensor's: every backend here computes ‖θ‖, ‖u‖ and Σg² of what it holds.
+        if _local(p) is not p and any(placement.is_partial() for placement in p.placements):
             raise NotImplementedError(
-                f"{type(self).__name__}: {self._where(gi, i)} is sharded across ranks (a DTensor whose local shard "
-                f"has shape {tuple(local.shape)} of {tuple(p.shape)}, as FSDP2 makes it): its trust ratio needs "
-                "‖θ‖ and ‖u‖ of the whole tensor and max_grad_norm the norm of every shard, and the all-reduce of "
-                "those sums between the two passes is not implemented yet; the shard's own norms would be silently "
-                "wrong. Use replicated or unsharded params for FusedLAMB, or FusedAdamW (elementwise) under FSDP2")
+                f"{type(self).__name__}: {self._where(gi, i)} is a DTensor with a Partial placement "
+                f"({p.placements}): its local values are not its elements, so its norms cannot be formed; "
+                "redistribute it to Shard or Replicate placements (FSDP2 params are Shard(0))")
         return backend
 
     def _init_param_state(self, p, state, group):
@@ -236,18 +232,82 @@ class FusedLAMB(FusedOptimizer):
         """With max_grad_norm: c = min(1, max_grad_norm / G) over every grad of every bucket, as a 0-d float64
         tensor on each bucket's device. Each bucket's Σg² is computed by its backend on its device (float64 squares
         and sums on every backend); the sums are added in float64 on the first bucket's device, in bucket order
-        (deterministic), with torch ops: no value is read back to the host."""
+        (deterministic), with torch ops: no value is read back to the host.
+
+        Buckets of sharded params (FSDP2) also get ``reduce_sums`` (:class:`_ShardSums`): their kernels compute
+        ‖θ‖², ‖u‖² and Σg² of the local shards, which this adds over the ranks holding the other shards of each
+        tensor, one all-reduce per mesh dimension it is sharded on; every rank steps the same buckets in the same
+        order, as FSDP2 gives every rank a grad (possibly empty) of every param."""
+        out = {}
+        shards = {}
+        for b in buckets:
+            if b.sharded:
+                shards[b.key] = _ShardSums([b.group["params"][i] for i in b.index])
+                if shards[b.key].parts:
+                    out[b.key] = {"reduce_sums": shards[b.key]}
         max_grad_norm = self.param_groups[0]["max_grad_norm"]  # the same in every group (_check_groups)
         if max_grad_norm is None:
-            return {}
+            return out
         home = buckets[0].device
-        sq = [backends.grad_sq_norm(b, self.rule, tables=self._tables, grad_scale=scaler[b.device][0],
-                                    found_inf=scaler[b.device][1])
-              for b in buckets]
+        sq = []
+        for b in buckets:
+            reduce = out.get(b.key, {}).get("reduce_sums")
+            each = backends.grad_sq_norm(b, self.rule, tables=self._tables, grad_scale=scaler[b.device][0],
+                                         found_inf=scaler[b.device][1], per_tensor=reduce is not None)
+            sq.append(each if reduce is None else reduce(each[None])[0].sum())
         total = torch.stack([s.to(home, torch.float64, non_blocking=True) for s in sq]).sum()
         c = clip_coefficient(max_grad_norm, total)  # float64: the kernels round it to fp32, fp64 params use it as is
         on_device = {}
         for b in buckets:
             if b.device not in on_device:
                 on_device[b.device] = c.to(b.device, non_blocking=True)
-        return {b.key: {"grad_clip": on_device[b.device]} for b in buckets}
+        for b in buckets:
+            out.setdefault(b.key, {})["grad_clip"] = on_device[b.device]
+        return out
+
+
+class _ShardSums:
+    """Adds per-tensor sums of squares of shards (float64, the last dimension indexing a bucket's tensors) over the
+    ranks that hold the other shards of each tensor: for a DTensor param, an all-reduce (SUM) over each dimension of
+    its mesh it is sharded on (Shard placements of size > 1; Replicate ones hold the whole tensor already, and
+    summing over them would count it again). Tensors sharded alike are reduced together, one collective per mesh
+    dimension; plain tensors, and DTensors whose shard is the whole tensor, are left as they are. Sums of squares
+    add across shards, so the result is the whole tensor's sum, in an order fixed by the collective."""
+
+    def __init__(self, params: list):
+        by_groups: dict = {}
+        for i, p in enumerate(params):
+            groups = ()
+            if _local(p) is not p:
+                mesh = p.device_mesh
+                groups = tuple(mesh.get_group(d) for d, placement in enumerate(p.placements)
+                               if placement.is_shard() and mesh.size(d) > 1)
+            by_groups.setdefault(groups, []).append(i)
+        self.n = len(params)
+        self.parts = [(groups, index) for groups, index in by_groups.items() if groups]
+
+    def __call__(self, sums: Tensor) -> Tensor:
+        """Reduces ``sums`` (``[..., n]``, float64) in place; returns it."""
+        import torch.distributed as dist
+
+        for groups, index in self.parts:
+            whole = len(index) == self.n
+            part = sums if whole else sums[..., torch.tensor(index, device=sums.device)]
+            for group in groups:
+                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+            if not whole:
+                sums[..., torch.tensor(index, device=sums.device)] = part
+        return sums
+
+    def of_tensor(self, i: int):
+        """The reduction of tensor ``i`` alone, for a per-tensor caller (the reference): a function of its sums."""
+        import torch.distributed as dist
+
+        groups = next((groups for groups, index in self.parts if i in index), ())
+
+        def reduce(sums: Tensor) -> Tensor:
+            for group in groups:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+            return sums
+
+        return reduce

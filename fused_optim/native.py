@@ -255,13 +255,14 @@ LAMB_NORMS, LAMB_APPLY, LAMB_FUSED = 0, 1, 2  # the passes of csrc/lamb_rule.h
 def lamb(table, operands, hp: dict, *, grad_scale=None, found_inf=None, tables_only=None) -> None:
     """One LAMB step over every tensor of ``table`` (operands as in ``LAMB_OPERANDS``), as kernels/lamb.py does it:
     pass 1 (moments, per-block float64 partial sums of θ² and u²), ``segment_sum`` (per-tensor sums of squares, a
-    separate step: under FSDP an all-reduce of ``sums`` over the shard group goes there), pass 2 (θ -= γ r u); or
-    one fused pass for a group without layer adaptation. 3 (or 1) launches, whatever the number of tensors.
+    separate step: under FSDP2 ``hp["reduce_sums"]`` all-reduces ``sums`` over the shard groups there), pass 2
+    (θ -= γ r u); or one fused pass for a group without layer adaptation. 3 (or 1) launches, whatever the number of
+    tensors.
 
     ``hp``: lr (float or a 0-d tensor on the params' device), beta1, beta2, eps, weight_decay, bias_correction,
     trust_clip (None or (lo, hi)), layer_adaptation, grad_clip (None, or c = min(1, max_grad_norm / G) as a 0-d
     float64 or float32 tensor on the params' device). ``grad_scale``/``found_inf``: GradScaler's tensors, or None.
-    ``tables_only``: see ``_lists_or_dtypes``.
+    ``tables_only``: see ``_lists_or_dtypes``. ``hp["reduce_sums"]`` (optional): as kernels/lamb.py's.
     """
     load()
     lr = hp["lr"]
@@ -284,6 +285,8 @@ def lamb(table, operands, hp: dict, *, grad_scale=None, found_inf=None, tables_o
     _launch(op, *head, LAMB_NORMS, *scalars, partials, None, grad_scale, found_inf, *tail)
     # Per tensor: sums[0, i] = ||θ_i||², sums[1, i] = ||u_i||² (fixed order: deterministic; sums add across shards).
     sums = segment_sum(partials, table.first_block)
+    if hp.get("reduce_sums") is not None:
+        hp["reduce_sums"](sums)  # FSDP2: the other ranks' shards of each tensor
     _launch(op, *head, LAMB_APPLY, *scalars, None, sums, None, found_inf, *tail)
 
 
@@ -300,18 +303,21 @@ def segment_sum(partials: Tensor, seg_start: Tensor) -> Tensor:
     return torch.ops.fused_optim.segment_sum(partials, seg_start)
 
 
-def grad_sq_norm(table, grads: list | None, *, grad_scale=None, found_inf=None, grad_dtype=None) -> Tensor:
+def grad_sq_norm(table, grads: list | None, *, grad_scale=None, found_inf=None, grad_dtype=None,
+                 per_tensor: bool = False) -> Tensor:
     """Σ g² over every grad of ``table`` (``grads``: the tensors of its ``grad`` operand; each divided by
     ``grad_scale`` first, as pass 1 of ``lamb`` divides it), a 0-d float64 tensor on their device (squares and sums
     in float64): the per-block partials, then one segment over all of them. Two launches, no host synchronization,
     deterministic; 0 when ``found_inf`` is set (the step is skipped). ``grad_dtype`` instead of ``grads``: a
     table-only launch, for a caller (the optimizer's step plan) that checked the grads against the table this
-    step."""
+    step. ``per_tensor``: one sum per tensor, float64 ``[n_tensors]``."""
     load()
     partials = torch.empty((1, table.n_blocks), dtype=torch.float64, device=table.numels.device)
     _launch(torch.ops.fused_optim.grad_sq_, [] if grads is None else grads, table.ptrs["grad"], table.numels,
             table.block_tensor, table.block_start, table.arrivals, table.block, grad_scale, found_inf, partials,
             grad_dtype)
+    if per_tensor:
+        return segment_sum(partials, table.first_block)[0]
     whole = table.first_block[:: table.n_tensors].contiguous()  # [0, n_blocks]: one segment over every block
     return segment_sum(partials, whole)[0, 0]
 

@@ -18,7 +18,7 @@ Passes, and bytes per element for fp32 params and grads (the DESIGN.md byte mode
                    segment_sum -> one Σg² per bucket; FusedLAMB adds the buckets and forms c on the device
     pass 1 NORMS   read θ, g, m, v; write m, v; per-block Σθ², Σu² into float64 ``partials[2, n_blocks]``  24 B
                    segment_sum(partials, first_block) -> float64 ``sums[2, n_tensors]``: per-tensor ‖θ‖², ‖u‖²
-                   (under FSDP, an all-reduce of ``sums`` over the shard group goes exactly here)
+                   (under FSDP2, ``hp["reduce_sums"]`` all-reduces ``sums`` over the shard groups here)
     pass 2 APPLY   read θ, m, v; recompute u (bitwise the u of pass 1: same code, same inputs); write θ   16 B
     A param group with ``layer_adaptation=False`` has r = 1 and needs no norm: one FUSED pass, 28 B, as Adam.
 
@@ -240,7 +240,8 @@ def lamb(table: engine.TensorTable, hp: dict, *, param_dtype, grad_dtype, master
     bias_correction, trust_clip (None or (lo, hi)), layer_adaptation, grad_clip (None, or c = min(1,
     max_grad_norm / G) as a 0-d float64 or float32 device tensor; the kernel rounds it to fp32). ``master``: the
     ``master_param`` operand holds fp32 master weights. ``grad_scale``/``found_inf``: device tensors from a
-    GradScaler, or None.
+    GradScaler, or None. ``hp["reduce_sums"]`` (optional): a function that adds the per-tensor sums of squares
+    (float64 ``[2, n_tensors]``, in place) over the ranks holding the other shards of each tensor (FSDP2).
     """
     lr = hp["lr"]
     lr_on_device = isinstance(lr, torch.Tensor)
@@ -267,8 +268,10 @@ def lamb(table: engine.TensorTable, hp: dict, *, param_dtype, grad_dtype, master
     engine.launch(_lamb_kernel, table, *operands, partials[0], partials[1], None, None, *scalars,
                   PHASE=NORMS.value, **flags)
     # The per-tensor reduction, a visible step: sums[0, i] = ‖θ_i‖², sums[1, i] = ‖u_i‖² (float64). Sums of squares add
-    # across shards, so under FSDP an all-reduce(SUM) of ``sums`` over the shard group is all LAMB needs here.
+    # across shards, so under FSDP2 an all-reduce(SUM) of ``sums`` over the shard groups is all LAMB needs here.
     sums = engine.segment_sum(partials, table.first_block)
+    if hp.get("reduce_sums") is not None:
+        hp["reduce_sums"](sums)
     # Pass 2: the update with the trust ratio.
     engine.launch(_lamb_kernel, table, *operands, None, None, sums[0], sums[1], *scalars,
                   PHASE=APPLY.value, **flags)
@@ -317,14 +320,17 @@ def _grad_sq_kernel(
     tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
-def grad_sq_norm(table: engine.TensorTable, *, grad_dtype, grad_scale=None, found_inf=None) -> torch.Tensor:
+def grad_sq_norm(table: engine.TensorTable, *, grad_dtype, grad_scale=None, found_inf=None,
+                 per_tensor: bool = False) -> torch.Tensor:
     """Σ g² over every grad of ``table`` (g divided by ``grad_scale`` first, as pass 1 divides it), a 0-d float64
-    device tensor (squares and sums in float64); two launches (the grad pass and one segment sum), no host
-    synchronization, deterministic."""
+    device tensor (squares and sums in float64); with ``per_tensor`` one sum per tensor, float64 ``[n_tensors]``.
+    Two launches (the grad pass and one segment sum), no host synchronization, deterministic."""
     partials = torch.empty((1, table.n_blocks), dtype=torch.float64, device=table.numels.device)
     engine.launch(_grad_sq_kernel, table, table.ptrs["grad"], partials, grad_scale, found_inf,
                   GRAD_DTYPE=engine.tl_dtype(grad_dtype), UNSCALE=grad_scale is not None,
                   SKIP_IF_INF=found_inf is not None)
+    if per_tensor:
+        return engine.segment_sum(partials, table.first_block)[0]
     # One segment over every block: first_block[0] = 0 and first_block[n_tensors] = n_blocks, on the device.
     whole = table.first_block[:: table.n_tensors].contiguous()
     return engine.segment_sum(partials, whole)[0, 0]

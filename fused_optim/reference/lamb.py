@@ -32,16 +32,19 @@ from torch import Tensor
 from .adam import compute_dtype, working_copies
 
 
-def grad_sq_norm(grads: list, grad_scale: Tensor | None = None) -> Tensor:
+def grad_sq_norm(grads: list, grad_scale: Tensor | None = None, per_tensor: bool = False) -> Tensor:
     """Σ g² over every element of ``grads`` (each divided by ``grad_scale`` in its compute dtype first), a 0-d
-    float64 tensor: one bucket's share of the global gradient norm G of ``max_grad_norm``."""
+    float64 tensor: one bucket's share of the global gradient norm G of ``max_grad_norm``; with ``per_tensor`` the
+    sum of each grad, float64 ``[len(grads)]``."""
     total = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else None)
+    each = []
     for grad in grads:
         g = grad.to(compute_dtype(grad))
         if grad_scale is not None:
             g = g / grad_scale.to(g.dtype)
-        total = total + g.double().square().sum()
-    return total
+        each.append(g.double().square().sum())
+        total = total + each[-1]
+    return torch.stack(each) if per_tensor else total
 
 
 def clip_coefficient(max_grad_norm: float, total_sq: Tensor) -> Tensor:
@@ -68,6 +71,7 @@ def lamb(
     grad_clip: Tensor | float | None = None,
     master_param: Tensor | None = None,
     grad_scale: Tensor | None = None,
+    reduce_sums=None,
 ) -> None:
     """One LAMB step on one parameter, in place on ``param``, its state and ``step``.
 
@@ -75,6 +79,8 @@ def lamb(
     every grad of the optimizer by the caller; see :func:`grad_sq_norm`), or None. ``master_param``: the fp32
     master copy of a bf16/fp16 param; the update happens there and the param gets the rounded result.
     ``grad_scale``: GradScaler's scale; the grad is divided by it and written back unscaled (not clipped).
+    ``reduce_sums``: for a shard of a tensor (FSDP2), a function that adds ``[‖θ‖², ‖u‖²]`` (float64, of this
+    shard) over the ranks holding the other shards, so that the ratio is the whole tensor's.
     """
     theta, g = working_copies(param, grad, master_param, grad_scale)
     if grad_clip is not None:
@@ -100,8 +106,11 @@ def lamb(
 
     # The trust ratio of this tensor (float64 norms, see the module docstring).
     if layer_adaptation:
-        w_norm = float(torch.linalg.vector_norm(theta, dtype=torch.float64))
-        u_norm = float(torch.linalg.vector_norm(u, dtype=torch.float64))
+        w_norm = torch.linalg.vector_norm(theta, dtype=torch.float64)
+        u_norm = torch.linalg.vector_norm(u, dtype=torch.float64)
+        if reduce_sums is not None:  # ‖θ‖² and ‖u‖² of every shard, added: the norms of the whole tensor
+            w_norm, u_norm = reduce_sums(torch.stack([w_norm, u_norm]).square()).sqrt()
+        w_norm, u_norm = float(w_norm), float(u_norm)
         r = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
         if trust_clip is not None and not math.isnan(r):  # NaN in, NaN out (module docstring)
             r = min(max(r, trust_clip[0]), trust_clip[1])
