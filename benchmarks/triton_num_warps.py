@@ -36,7 +36,7 @@ def main() -> int:
 
     import fused_optim
     from fused_optim.bench import OPTIMIZERS
-    from fused_optim.bench.harness import DTYPES, gpt2_small_shapes
+    from fused_optim.bench.harness import DTYPES, gpt2_small_shapes, workload_bytes
     from fused_optim.kernels import engine
 
     dev = torch.device("cuda")
@@ -49,7 +49,7 @@ def main() -> int:
         return ps
 
     n = sum(torch.Size(s).numel() for s in shapes)
-    adamw_bytes, lamb_bytes, adafactor_bytes = (OPTIMIZERS[name].byte_model(DTYPES["fp32"]).bytes_per_param
+    adamw_bytes, lamb_bytes, adafactor_bytes = (workload_bytes(OPTIMIZERS[name], DTYPES["fp32"], shapes)[0]
                                                 for name in ("adamw", "lamb", "adafactor"))
     x = torch.empty(512 * 2**20 // 4, device=dev)
     y = torch.empty_like(x)

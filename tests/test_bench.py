@@ -88,6 +88,45 @@ def test_byte_models(optimizer, dtype, expected):
     assert model.formula().endswith(f"= {expected} B/param")
 
 
+@pytest.mark.parametrize("dtype, matrix, vector", [
+    # kernels/adafactor.py's byte model: a factored matrix reads g three times and θ twice and writes θ once; a
+    # tensor of rank 0/1 reads θ in pass 1, reads and writes its full V in pass 2, reads g, V, θ and writes θ in pass 3
+    ("fp32", (24, 8), (32, 12)),
+    ("bf16-master", (20, 8), (30, 12)),  # + master 4, the bf16 param only written (2)
+    ("bf16", (12, 4), (16, 6)),  # V in the state dtype
+])
+def test_adafactor_byte_model_follows_the_shapes(dtype, matrix, vector):
+    spec, cfg = bench.OPTIMIZERS["adafactor"], DTYPES[dtype]
+    for shape, (traffic, resident) in (((6, 5), matrix), ((2, 6, 5), matrix), ((30,), vector), ((), vector)):
+        model = spec.byte_model(cfg, shape)
+        assert (model.bytes_per_param, model.resident_bytes_per_param) == (traffic, resident), shape
+    assert [label for label, _ in spec.byte_models(cfg)] == ["rank >= 2", "rank 0/1"]
+    # a workload's bytes per param: the models weighted by the tensors' sizes
+    assert harness.workload_bytes(spec, cfg, WORKLOADS["many-small"].shapes(False)) == vector  # all 1-D
+    shapes = WORKLOADS["gpt2-small"].shapes(False)
+    n = sum(harness.numel(s) for s in shapes)
+    n_flat = sum(harness.numel(s) for s in shapes if len(s) < 2)
+    assert n_flat == 121_344  # 12 layers x (4 x 768 norms + 2304 + 768 + 3072 + 768 biases) + ln_f 2 x 768
+    got = harness.workload_bytes(spec, cfg, shapes)
+    assert got == pytest.approx(((matrix[0] * (n - n_flat) + vector[0] * n_flat) / n,
+                                 (matrix[1] * (n - n_flat) + vector[1] * n_flat) / n), rel=1e-12)
+    # the other optimizers' models do not depend on the shape
+    adamw = bench.OPTIMIZERS["adamw"]
+    assert harness.workload_bytes(adamw, cfg, shapes)[0] == adamw.byte_model(cfg).bytes_per_param
+
+
+def test_adafactor_rows_carry_the_workloads_bytes_per_param():
+    """many-small is all 1-D: its Adafactor rows count 32 B/param (a full V read and written), not a matrix's 24."""
+    spec = bench.OPTIMIZERS["adafactor"]
+    todo, _ = harness.plan([spec], [WORKLOADS["many-small"]], [DTYPES["fp32"]], ["torch-adafactor"], CPU, [False],
+                           quick=True, explicit_providers=True, explicit_workloads=True)
+    result = harness.run_sweep(todo, CPU, FAST, quick=True, copy_bytes=32 * 2**20, progress=False)
+    assert not result.errors, result.errors
+    (row,) = result.rows
+    assert row["bytes_per_param"] == 32
+    assert row["gbps"] == pytest.approx(row["n_params"] * 32 / (row["ms"] / 1e3) / 1e9, rel=1e-3)
+
+
 def test_adamw_fp32_formula_names_its_operands():
     formula = bench.OPTIMIZERS["adamw"].byte_model(DTYPES["fp32"]).formula()
     assert formula == "read p4 g4 m4 v4; write p4 m4 v4 = 28 B/param"

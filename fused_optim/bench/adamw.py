@@ -22,7 +22,7 @@ HYPERPARAMETERS = dict(betas=(0.9, 0.999), eps=1e-8)
 WEIGHT_DECAY = {"adamw": 0.1, "adam": 0.0}
 
 
-def byte_model(cfg) -> ByteModel:
+def byte_model(cfg, shape=None) -> ByteModel:  # the same for every shape
     p, s = cfg.param_bytes, cfg.state_bytes
     if cfg.master:  # the update runs on the fp32 master; the bf16 param is only written
         reads = (("master", 4), ("g", p), ("m", s), ("v", s))

@@ -95,7 +95,10 @@ def list_everything(optimizers: dict) -> str:
         lines.append(f"  {spec.name}: {spec.describe}{mark}")
         lines.append(f"    providers: {', '.join(p.name for p in spec.providers)}")
         for cfg in DTYPES.values():
-            lines.append(f"    {cfg.name:12s} {spec.byte_model(cfg).formula()}")
+            for label, model in spec.byte_models(cfg):
+                lines.append(f"    {cfg.name:12s} {label + ': ' if label else ''}{model.formula()}")
+        if len(spec.shape_classes) > 1:
+            lines.append("    (a workload's bytes_per_param: these weighted by its tensors' sizes)")
     lines.append("workloads:")
     for wl in WORKLOADS.values():
         shapes = wl.shapes(False)
@@ -208,7 +211,11 @@ def main(argv: list | None = None) -> int:
         for what, why in result.errors:
             print(f"  {what}: {why}")
     print("\nbytes_per_param: " + "; ".join(
-        f"{s.name} {c.name} {s.byte_model(c).bytes_per_param}" for s in specs for c in dtypes))
+        f"{s.name} {c.name} " + ", ".join(f"{m.bytes_per_param}{f' ({label})' if label else ''}"
+                                          for label, m in s.byte_models(c))
+        for s in specs for c in dtypes))
+    if any(len(s.shape_classes) > 1 for s in specs):
+        print("(per workload, weighted by its tensors' sizes: the rows' bytes_per_param)")
     if not args.no_save and result.rows:
         why = harness.plot(harness.latest(harness.read_jsonl(jsonl)), png)
         print(f"rows appended to {jsonl}; " + (f"plot: {png}" if why is None else f"plot not drawn: {why}"))

@@ -99,7 +99,18 @@ class ByteModel:
 
     @property
     def bytes_per_param(self) -> int:
+        """Traffic: every read and write of every pass."""
         return sum(b for reads, writes in self.passes for _, b in (*reads, *writes))
+
+    @property
+    def resident_bytes_per_param(self) -> int:
+        """Distinct bytes in memory: each operand the step touches counted once (params, grads, state, master
+        weights), however many times it is read or written. What a rotated copy holds (:func:`rotation_copies`)."""
+        sizes: dict = {}
+        for reads, writes in self.passes:
+            for name, b in (*reads, *writes):
+                sizes[name] = max(b, sizes.get(name, 0))
+        return sum(sizes.values())
 
     def formula(self) -> str:
         parts = []
@@ -246,18 +257,46 @@ class Provider:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """What an optimizer module declares."""
+    """What an optimizer module declares.
+
+    ``byte_model(cfg, shape)``: the byte model of one tensor of ``shape`` (``shape=None``: the first of
+    ``shape_classes``); a workload's bytes per param are its tensors' models weighted by their sizes
+    (:func:`workload_bytes`). ``shape_classes``: ``(label, example shape)`` of each class of tensors that has a
+    model of its own (``--list`` prints one line per class); one class, ``("", None)``, when the model is the
+    same for every shape.
+    """
 
     name: str  # the rows' "optimizer"
     fused_class: str  # the fused_optim class it benchmarks (e.g. "FusedAdamW")
-    byte_model: Callable[[DtypeConfig], ByteModel]
+    byte_model: Callable[[DtypeConfig, tuple | None], ByteModel]
     providers: tuple
     describe: str = ""
     lr: float = 1e-3  # what every provider of this optimizer is built with
     default: bool = True  # in the default sweep once its fused_optim class exists
+    shape_classes: tuple = (("", None),)
 
     def fused_available(self) -> bool:
         return getattr(fused_optim, self.fused_class, None) is not None
+
+    def byte_models(self, cfg: DtypeConfig) -> list:
+        """``(label, ByteModel)`` of each shape class, for ``cfg``."""
+        return [(label, self.byte_model(cfg, shape)) for label, shape in self.shape_classes]
+
+
+def workload_bytes(spec: OptimizerSpec, cfg: DtypeConfig, shapes: list) -> tuple[float, float]:
+    """``(traffic, resident)`` bytes per param of one step over ``shapes``: the byte model of each tensor
+    (``spec.byte_model(cfg, shape)``), weighted by its number of elements."""
+    n = traffic = resident = 0
+    models: dict = {}
+    for shape in shapes:
+        shape = tuple(shape)
+        if shape not in models:
+            models[shape] = spec.byte_model(cfg, shape)
+        k = numel(shape)
+        n += k
+        traffic += k * models[shape].bytes_per_param
+        resident += k * models[shape].resident_bytes_per_param
+    return (traffic / n, resident / n) if n else (0.0, 0.0)
 
 
 def torch_provider(name: str, make: Callable[[list, Case], torch.optim.Optimizer], *, per_tensor_copy: bool = False,
@@ -677,11 +716,13 @@ def dedupe(items):
     return out
 
 
-def run_config(c: Config, device: torch.device, policy: TimingPolicy, *, quick: bool) -> tuple[Timing, int, int]:
-    """Build and time one configuration; returns (timing, n_params, n_tensors). Raises Unavailable."""
+def run_config(c: Config, device: torch.device, policy: TimingPolicy, *,
+               quick: bool) -> tuple[Timing, int, int, float]:
+    """Build and time one configuration; returns (timing, n_params, n_tensors, bytes_per_param). Raises
+    Unavailable."""
     shapes = c.workload.shapes(quick)
     n_params = sum(numel(s) for s in shapes)
-    bpp = c.spec.byte_model(c.cfg).bytes_per_param
+    bpp, _ = workload_bytes(c.spec, c.cfg, shapes)
     wanted = rotation_copies(n_params * bpp, device, True)
     copies = wanted if c.provider.rotate else 1
     # Resident memory: about the byte model's count (params, grads, state, plus the temporaries of the unfused
@@ -705,7 +746,7 @@ def run_config(c: Config, device: torch.device, policy: TimingPolicy, *, quick: 
             timing.warmup_s = warm + timing.warmup_s
         else:
             timing = time_steps(steps, device, policy, flush)
-        return timing, n_params, len(shapes)
+        return timing, n_params, len(shapes), bpp
     finally:
         del graphs, flush
         steps = params = None
@@ -721,8 +762,10 @@ def _sig(x: float, digits: int = 5) -> float:
 
 
 def make_row(c: Config, timing: Timing, n_params: int, n_tensors: int, *, device: str, copy_gbps: float,
-             meta: dict, baseline_ms: float | None) -> dict:
-    bpp = c.spec.byte_model(c.cfg).bytes_per_param
+             meta: dict, baseline_ms: float | None, bytes_per_param: float) -> dict:
+    """One JSON row. ``bytes_per_param``: the workload's (:func:`workload_bytes`); stored as an int when it is
+    one (every tensor has the same model), else to 4 decimals (GB/s is computed from the exact value)."""
+    bpp = bytes_per_param
     gbps = n_params * bpp / (timing.ms / 1e3) / 1e9
     row = {
         "device": device,
@@ -731,7 +774,7 @@ def make_row(c: Config, timing: Timing, n_params: int, n_tensors: int, *, device
         "workload": c.workload.name,
         "dtype": c.cfg.name,
         "ms": _sig(timing.ms),
-        "bytes_per_param": bpp,
+        "bytes_per_param": int(bpp) if float(bpp).is_integer() else round(bpp, 4),
         "gbps": _sig(gbps),
         "copy_gbps": _sig(copy_gbps),
         "bw_fraction": _sig(gbps / copy_gbps, 4),
@@ -763,7 +806,7 @@ def run_sweep(configs: list, device: torch.device, policy: TimingPolicy, *, quic
         for c in configs:
             bar.set_description(c.label())
             try:
-                timing, n_params, n_tensors = run_config(c, device, policy, quick=quick)
+                timing, n_params, n_tensors, bpp = run_config(c, device, policy, quick=quick)
             except Unavailable as exc:  # the reason names what it depends on; one line per provider and reason
                 result.skipped.append((f"{c.spec.name} {c.provider.name}", str(exc)))
             except torch.cuda.OutOfMemoryError as exc:
@@ -775,7 +818,7 @@ def run_sweep(configs: list, device: torch.device, policy: TimingPolicy, *, quic
                 if c.provider.name == BASELINE:
                     baselines[key] = timing.ms
                 row = make_row(c, timing, n_params, n_tensors, device=result.device, copy_gbps=result.copy_gbps,
-                               meta=meta, baseline_ms=baselines.get(key))
+                               meta=meta, baseline_ms=baselines.get(key), bytes_per_param=bpp)
                 result.rows.append(row)
                 if on_row:
                     on_row(row)

@@ -21,7 +21,7 @@ from .harness import ByteModel, Case, OptimizerSpec, fused_providers, torch_prov
 HYPERPARAMETERS = dict(betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
 
 
-def byte_model(cfg) -> ByteModel:
+def byte_model(cfg, shape=None) -> ByteModel:  # the same for every shape
     p, s = cfg.param_bytes, cfg.state_bytes
     theta = ("master", 4) if cfg.master else ("p", p)
     write_theta = (("master", 4), ("p", p)) if cfg.master else (("p", p),)
