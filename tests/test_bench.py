@@ -127,6 +127,54 @@ def test_adafactor_rows_carry_the_workloads_bytes_per_param():
     assert row["gbps"] == pytest.approx(row["n_params"] * 32 / (row["ms"] / 1e3) / 1e9, rel=1e-3)
 
 
+def test_adafactor_providers_compute_the_same_update():
+    """torch.optim.Adafactor, transformers' Adafactor and fused_optim's, built as the benchmark builds them, step the
+    same fp32 params with the same grads three times and land on the same params: the benchmark times one update.
+
+    Tolerance, per tensor: ``steps x (1e-4 x max|move| + 2 x eps32 x max|θ|)``, where move = θ_3 - θ_0 (torch's).
+    The providers compute the same math in different fp32 orders (norm² vs mean of g², R Cᵀ / mean R vs
+    rsqrt ⊗ rsqrt, lerp vs mul-add, sums over up to 780 elements: RMS(θ), RMS(U) and the means each within
+    780 x 2^-24 < 5e-5 relative), so one step's updates differ by less than 1e-4 of their size, and each provider
+    rounds θ - update to nearest (1 ulp of θ, < eps32 x max|θ|, apart); nothing amplifies a difference (θ enters the
+    next step only through RMS(θ)). Measured: 0.4 ulp of max|θ|, 2.6e-6 of the move, some 100x below the bound.
+    A different update fails by orders of magnitude: without parameter scaling (the benchmark until it was fixed)
+    the others move θ 1 / RMS(θ) = 50x farther than torch; with torch's default ε1 (its machine epsilon, 1.2e-7)
+    the element whose grad is 1e-9 moves by |U| = 0.008 x α instead of α.
+    """
+    spec, cfg = bench.OPTIMIZERS["adafactor"], DTYPES["fp32"]
+    shapes = [(6, 130), (3, 4, 5), (7,), (300,), ()]
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) * 0.02 for s in shapes]  # N(0, 0.02), as make_params
+    steps = 3
+    grads = [[torch.randn(s, generator=gen) * 1e-3 for s in shapes] for _ in range(steps)]
+    grads[0][3][5] = 1e-9  # below torch's default ε1 (fp32 machine epsilon): clamped there, not by the others
+    ran, unavailable = {}, {}
+    for provider in spec.providers:
+        params = [x.clone().requires_grad_() for x in init]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        try:
+            step = provider.build(Case(params, cfg, CPU, capturable=False, lr=spec.lr))
+        except Unavailable as exc:  # transformers not installed, a fused backend not built here
+            unavailable[provider.name] = str(exc)
+            continue
+        for t in range(steps):
+            for p, g in zip(params, grads[t]):
+                p.grad.copy_(g)
+            step()
+        ran[provider.name] = [p.detach().clone() for p in params]
+    assert {"torch-adafactor", "reference"} <= set(ran), unavailable
+    assert "transformers" in ran or "not installed" in unavailable["transformers"]
+    eps32 = torch.finfo(torch.float32).eps
+    for i, (x0, want) in enumerate(zip(init, ran["torch-adafactor"])):
+        move = (want - x0).abs().max().item()
+        tol = steps * (1e-4 * move + 2 * eps32 * want.abs().max().item())
+        assert move > 100 * tol, shapes[i]  # a real update, far above the tolerance
+        for name, got in ran.items():
+            diff = (got[i] - want).abs().max().item()
+            assert diff <= tol, f"{name} {shapes[i]}: |Δθ| {diff:.3g} > {tol:.3g} (torch moved θ by {move:.3g})"
+
+
 def test_adamw_fp32_formula_names_its_operands():
     formula = bench.OPTIMIZERS["adamw"].byte_model(DTYPES["fp32"]).formula()
     assert formula == "read p4 g4 m4 v4; write p4 m4 v4 = 28 B/param"

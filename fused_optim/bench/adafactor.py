@@ -4,8 +4,30 @@
 
 Providers: ``torch.optim.Adafactor`` (foreach) as "torch-adafactor", ``transformers.optimization.Adafactor``
 as "transformers" (when transformers is installed), and the fused_optim providers, which need
-``fused_optim.FusedAdafactor`` and report "unavailable" until it exists. All run Adafactor without momentum
-(beta1 = None), a fixed lr of 1e-2, no relative step and no parameter scaling (torch.optim's defaults).
+``fused_optim.FusedAdafactor`` and report "unavailable" until it exists. All compute the same update:
+
+    ρ_t = min(1e-2, 1/√t),  α_t = ρ_t · max(ε2, RMS(θ_{t-1})),  β̂_t = 1 - t^-0.8,
+    V̂ = R Cᵀ / mean(R) (rank >= 2, R and C the EMAs of the row and column means of g²) or V = EMA of g² (rank 0/1),
+    U = g / √V̂,  θ -= α_t · U / max(1, RMS(U) / 1)
+
+without momentum and without weight decay. torch.optim.Adafactor has no switches for it: it always scales by
+max(ε2, RMS(θ)) and takes ρ_t = min(lr, 1/√t); so it runs with lr = 1e-2, and transformers and fused_optim with
+``relative_step=True, scale_parameter=True`` (ρ_t = min(1e-2, 1/√t), their relative step) and ``lr=None``.
+(Until this was fixed the others ran ``scale_parameter=False, relative_step=False, lr=1e-2``: an update
+1 / RMS(θ), about 50x, larger than torch's. The work hardly differed: the fused kernels read θ and sum θ² in
+pass 1 whatever ``scale_parameter`` says, and transformers takes RMS(θ) every step either way.) What still differs:
+
+* ε1 = 1e-30 everywhere, but transformers and fused_optim add it to g² before the means (R, C, V of g² + ε1),
+  torch clamps mean(R) at ε1 and V̂ at ε1² (which is 0 in fp32) instead; both are no-ops in fp32 unless
+  |g| < 6e-12 (g² + 1e-30 rounds to g² above that). torch's default ε1 (None: the dtype's machine epsilon,
+  1.2e-7 in fp32, 7.8e-3 in bf16) would clamp √V̂ at it (|U| < 1 where the grads are that small, every element in
+  bf16), so it is set explicitly. At g = 0 exactly, torch's rank-0/1 V̂ is 0 and its update 0 · inf = NaN; the
+  others' is 0 (the benchmark's grads are never 0).
+* The order of fp32 operations: torch forms R and C from ``norm(g)²``, V̂ = R Cᵀ / mean(R) and one rsqrt, with
+  ``lerp`` for the EMAs; the others rsqrt(R / mean R) ⊗ rsqrt(C) and ``mul``/``add``. The updates agree to
+  about 1e-5 relative (tests/test_bench.py steps the three on the same params).
+* Weight decay (0 here) would differ: torch decays by lr · λ, the others by α_t · λ.
+
 Neither torch's nor transformers' step can be captured in a CUDA graph: both read scalars to the host every step.
 
 Byte model (per parameter, one step), the passes of kernels/adafactor.py and of the native kernels
@@ -58,8 +80,25 @@ def byte_model(cfg, shape=None) -> ByteModel:
     ))
 
 
+# ε1, ε2, the clipping threshold d and the decay exponent c: transformers' and fused_optim's defaults, given to
+# all three (torch's default ε1 is not 1e-30: see the module docstring).
+EPS = (1e-30, 1e-3)
+CLIP_THRESHOLD = 1.0
+DECAY_RATE = -0.8
+# The relative step of transformers and fused_optim caps ρ_t at 1e-2, torch's at its lr: the same when lr = 1e-2.
+assert LR == 1e-2
+
+
 def _torch(params, case: Case):
-    return torch.optim.Adafactor(params, lr=case.lr_arg(), foreach=True)
+    # lr is ρ_t's cap (min(lr, 1/√t)); α_t = ρ_t · max(ε2, RMS(θ)) always
+    return torch.optim.Adafactor(params, lr=case.lr_arg(), beta2_decay=DECAY_RATE, eps=EPS, d=CLIP_THRESHOLD,
+                                 weight_decay=0.0, foreach=True)
+
+
+# transformers' and fused_optim's keywords for the same update: ρ_t = min(1e-2, 1/√t) (relative step, no lr),
+# α_t = ρ_t · max(ε2, RMS(θ)) (parameter scaling).
+_SAME_MATH = dict(lr=None, eps=EPS, clip_threshold=CLIP_THRESHOLD, decay_rate=DECAY_RATE, beta1=BETA1,
+                  weight_decay=0.0, scale_parameter=True, relative_step=True, warmup_init=False)
 
 
 def _transformers(params, case: Case):
@@ -67,11 +106,8 @@ def _transformers(params, case: Case):
         from transformers.optimization import Adafactor
     except ImportError as exc:
         raise Unavailable(f"transformers is not installed ({exc})") from None
-    return Adafactor(params, lr=case.lr, **_SAME_MATH)
+    return Adafactor(params, **_SAME_MATH)
 
-
-# The configuration every provider runs (torch.optim.Adafactor's defaults: a fixed lr, no parameter scaling).
-_SAME_MATH = dict(relative_step=False, scale_parameter=False, warmup_init=False, beta1=BETA1, weight_decay=0.0)
 
 _NO_GRAPH = "reads scalars to the host every step (.item()), so it cannot be captured"
 
@@ -81,9 +117,9 @@ SPECS = (
         (
             torch_provider("torch-adafactor", _torch, graph=False, graph_reason=_NO_GRAPH),
             torch_provider("transformers", _transformers, graph=False, graph_reason=_NO_GRAPH),
-            *fused_providers("FusedAdafactor", lambda case: _SAME_MATH),
+            *fused_providers("FusedAdafactor", lambda case: dict(_SAME_MATH)),
         ),
-        "Adafactor without momentum, lr 1e-2",
+        "Adafactor without momentum, relative step min(1e-2, 1/sqrt(t)), scaled by max(1e-3, RMS(param))",
         lr=LR,
         shape_classes=(("rank >= 2", (2, 2)), ("rank 0/1", (2,))),
     ),

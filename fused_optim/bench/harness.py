@@ -349,7 +349,8 @@ def torch_provider(name: str, make: Callable[[list, Case], torch.optim.Optimizer
 
 def fused_provider(name: str, class_name: str, backend: str, kwargs: Callable[[Case], dict] | None = None,
                    **provider_kw) -> Provider:
-    """A provider that builds ``fused_optim.<class_name>(params, lr=..., backend=backend)``.
+    """A provider that builds ``fused_optim.<class_name>(params, lr=..., backend=backend)``; ``kwargs(case)`` gives
+    the other keywords, and the lr when it has one (Adafactor's relative step: ``lr=None``).
 
     fused_optim keeps per-element state in fp32 whatever the param dtype, so the "bf16" configuration (bf16
     state) is not one of its options; "bf16-master" is (``master_weights=True``).
@@ -362,9 +363,10 @@ def fused_provider(name: str, class_name: str, backend: str, kwargs: Callable[[C
         if case.cfg.state != torch.float32:
             raise Unavailable(f"fused_optim keeps optimizer state in fp32 for {case.cfg.param} params; "
                               f"{case.cfg.name} ({case.cfg.describe}) is not one of its configurations")
-        extra = kwargs(case) if kwargs else {}
+        extra = dict(kwargs(case)) if kwargs else {}
+        lr = extra.pop("lr") if "lr" in extra else case.lr_arg()
         try:
-            opt = cls(case.params, lr=case.lr_arg(), backend=backend, master_weights=case.cfg.master, **extra)
+            opt = cls(case.params, lr=lr, backend=backend, master_weights=case.cfg.master, **extra)
         except (fused_optim.BackendUnavailable, ValueError) as exc:
             raise Unavailable(f"{class_name}(backend={backend!r}): {exc}") from None
         return opt.step
