@@ -263,6 +263,35 @@ def test_rotation_copies():
     assert 1 < harness.rotation_copies(cache, CPU, True) <= 8
     assert harness.rotation_copies(4 * cache, CPU, True) == 1
     assert harness.rotation_copies(cache // 10, CPU, False) == 1
+    # 1 + ceil(4 x cache / resident): the k - 1 other copies hold at least 4x the cache
+    for resident in (cache, 2 * cache, 4 * cache - 1, 3 * cache // 4):  # k <= 8
+        k = harness.rotation_copies(resident, CPU, True)
+        assert (k - 1) * resident >= 4 * cache and (k - 2) * resident < 4 * cache, (resident, k)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_rotated_copies_keep_four_caches_of_distinct_data_between_visits(monkeypatch, optimizer):
+    """The copies come from the bytes a param set holds (AdamW fp32: p g m v = 16 B/param; Adafactor on vectors:
+    p g V = 12), not from the bytes a step moves (28, 32): between two steps of one copy, the other copies must
+    hold 4x the last-level cache. Counted with traffic, many-small on an H100 (50 MiB L2) got 2 AdamW copies:
+    1.25x the L2 between visits."""
+    cache = 8 * 2**20
+    monkeypatch.setattr(harness, "cache_bytes", lambda device: cache)
+    seen = []
+
+    def fake_time_steps(steps, device, policy, flush=None):
+        seen.append((len(steps), flush))
+        return harness.Timing(ms=1.0, steps=1, warmup_s=[0.0], copies=len(steps))
+
+    monkeypatch.setattr(harness, "time_steps", fake_time_steps)
+    spec, cfg = bench.OPTIMIZERS[optimizer], DTYPES["fp32"]
+    (config,), _ = harness.plan([spec], [WORKLOADS["many-small"]], [cfg], ["reference"], CPU, [False],
+                                quick=True, explicit_providers=True, explicit_workloads=True)
+    _, n_params, _, _ = harness.run_config(config, CPU, FAST, quick=True)
+    resident = n_params * spec.byte_model(cfg, (1024,)).resident_bytes_per_param
+    ((k, flush),) = seen
+    assert flush is None and 1 < k <= harness.MAX_COPIES
+    assert (k - 1) * resident >= 4 * cache  # 16.4 MB (AdamW) or 12.3 MB (Adafactor) a copy: 4 copies, not 2
 
 
 def test_latest_row_per_configuration():

@@ -6,9 +6,11 @@ and the fused_optim class it benchmarks. Everything else is here and is the same
 
 * workloads are parameter lists built from real shapes alone (no weights): :data:`WORKLOADS`;
 * a step is timed after warm-up as the median over many steps (CUDA events on a GPU, ``time.perf_counter`` on
-  the CPU); when the bytes a step touches fit a few times in the last-level cache, several independent copies of
-  the params and optimizer are stepped in rotation so that no step finds its data in cache (a provider that
-  cannot be rotated, torch.compile, gets the cache flushed before each step instead);
+  the CPU); when one param set (params, grads, optimizer state, master weights: the distinct bytes in memory) is
+  smaller than 4x the last-level cache, 1 + ceil(4 x cache / its size) independent copies of the params and
+  optimizer (at most 8) are stepped in rotation, so that at least 4x the cache of other data passes between two
+  steps of one copy and no step finds its data in cache (a provider that cannot be rotated, torch.compile, gets
+  the cache flushed before each step instead);
 * on a GPU each workload is also timed with the step captured in a CUDA graph (launch overhead removed) where
   the provider can be captured;
 * GB/s = n_params x bytes_per_param / time, with the byte model the optimizer states in code; the denominator
@@ -663,12 +665,23 @@ def make_params(shapes: list, cfg: DtypeConfig, device: torch.device, seed: int 
     return params
 
 
-def rotation_copies(working_set: int, device: torch.device, rotate: bool) -> int:
-    """How many independent param sets to step in rotation: enough that 4x the last-level cache lies between
-    two visits of one set, at most 8; 1 when the working set is already 4x the cache."""
-    if not rotate or working_set <= 0:
+MAX_COPIES = 8
+
+
+def rotation_copies(resident: float, device: torch.device, rotate: bool) -> int:
+    """How many independent param sets to step in rotation, given the distinct bytes one set holds (``resident``:
+    params, grads, state and master weights, each counted once, not the traffic of a step).
+
+    Between two steps of one set, the k - 1 other sets are stepped: (k - 1) x resident distinct bytes pass through
+    the cache. k = 1 + ceil(4 x cache / resident) makes that at least 4x the last-level cache; at most
+    :data:`MAX_COPIES` (then (MAX_COPIES - 1) x resident pass); 1 when one set alone is already 4x the cache.
+    """
+    if not rotate or resident <= 0:
         return 1
-    return max(1, min(8, math.ceil(4 * cache_bytes(device) / working_set)))
+    four_caches = 4 * cache_bytes(device)
+    if resident >= four_caches:
+        return 1
+    return min(MAX_COPIES, 1 + math.ceil(four_caches / resident))
 
 
 def plan(specs, workloads, dtypes, providers, device: torch.device, graph_modes, *, quick: bool,
@@ -724,8 +737,8 @@ def run_config(c: Config, device: torch.device, policy: TimingPolicy, *,
     Unavailable."""
     shapes = c.workload.shapes(quick)
     n_params = sum(numel(s) for s in shapes)
-    bpp, _ = workload_bytes(c.spec, c.cfg, shapes)
-    wanted = rotation_copies(n_params * bpp, device, True)
+    bpp, resident = workload_bytes(c.spec, c.cfg, shapes)
+    wanted = rotation_copies(n_params * resident, device, True)
     copies = wanted if c.provider.rotate else 1
     # Resident memory: about the byte model's count (params, grads, state, plus the temporaries of the unfused
     # providers), per copy, with a 10% margin.
