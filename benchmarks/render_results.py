@@ -76,6 +76,19 @@ def latest(rows) -> list:
     return list(best.values())
 
 
+def ratio_to_baseline(row: dict):
+    """``ratio_to_baseline``; rows written before it existed have ``ratio_to_torch_fused`` (baseline torch-fused)."""
+    return row["ratio_to_baseline"] if "ratio_to_baseline" in row else row.get("ratio_to_torch_fused")
+
+
+def baseline(row: dict) -> str | None:
+    """The provider the row's ratio divides by; None when there is no ratio (rows written before ``baseline`` existed
+    divided by torch-fused, when it ran)."""
+    if ratio_to_baseline(row) is None:
+        return None
+    return row.get("baseline") or "torch-fused"
+
+
 def _num(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
@@ -115,8 +128,19 @@ def render(rows, link_base: Path) -> str:
             out.append(f"- {date}: commit `{commit}`, torch {torch_v}, triton {triton_v}; copy bandwidth "
                        f"{copy:,.0f} GB/s (read + write); {n} row{'s' if n != 1 else ''}")
         out.append("")
+        bases: dict = {}
+        for r in sub:
+            if baseline(r):
+                bases.setdefault(r["optimizer"], set()).add(baseline(r))
+        eager = sorted({baseline(r) for r in sub if r["graph"] and r.get("baseline_graph") is False and baseline(r)})
+        out.append("× baseline time: the row's time over that of its optimizer's baseline in the same run (same "
+                   "workload, dtype and graph mode): "
+                   + (", ".join(f"{opt} {' / '.join(sorted(b))}" for opt, b in bases.items()) or "none ran")
+                   + (f"; graph rows against the eager step of {', '.join(eager)}, which cannot be captured"
+                      if eager else "") + "; – where the baseline did not run.")
+        out.append("")
         out.append("| optimizer | workload | params | tensors | dtype | provider | graph | ms | GB/s | bw_fraction "
-                   "| × torch-fused time |")
+                   "| × baseline time |")
         out.append("|---|---|---:|---:|---|---|---|---:|---:|---:|---:|")
         for r in sub:
             compile_note = f" (compile {r['compile_s']:.0f} s)" if r.get("compile_s") is not None else ""
@@ -125,7 +149,7 @@ def render(rows, link_base: Path) -> str:
                 f"| {_num(r.get('n_tensors'), 'd')} "
                 f"| {r['dtype']} | {r['provider']}{compile_note} | {'yes' if r['graph'] else 'no'} "
                 f"| {_num(r['ms'], '.4g')} | {_num(r['gbps'], ',.1f')} | {_num(r['bw_fraction'], '.3f')} "
-                f"| {_num(r.get('ratio_to_torch_fused'), '.2f')} |")
+                f"| {_num(ratio_to_baseline(r), '.2f')} |")
         out.append("")
         pngs = sorted({r["_file"].with_suffix(".png") for r in sub if r["_file"].with_suffix(".png").is_file()})
         for png in pngs:

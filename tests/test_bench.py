@@ -39,7 +39,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 CPU = torch.device("cpu")
 FAST = TimingPolicy(warmup=1, max_steps=3, min_steps=3, budget_s=0.0)
-EXTRA_KEYS = ("n_params", "n_tensors", "ratio_to_torch_fused")
+EXTRA_KEYS = ("n_params", "n_tensors", "ratio_to_torch_fused", "baseline", "baseline_graph", "ratio_to_baseline")
 
 
 def _render_module():
@@ -218,9 +218,78 @@ def test_quick_sweep_rows(quick_sweep):
         assert row["copy_gbps"] == pytest.approx(result.copy_gbps, rel=1e-4)
         assert row["bw_fraction"] == pytest.approx(row["gbps"] / row["copy_gbps"], rel=1e-3)
         assert row["ratio_to_torch_fused"] == pytest.approx(row["ms"] / fused_ms, rel=1e-3)
+        assert row["baseline"] == "torch-fused" and row["baseline_graph"] is False
+        assert row["ratio_to_baseline"] == row["ratio_to_torch_fused"]
         assert row["torch"] == torch.__version__
         assert len(row["date"]) == 20 and row["date"].endswith("Z")
         json.dumps(row)  # JSON-serializable as it is
+
+
+def _fake_sweep(monkeypatch, configs, times):
+    """run_sweep over ``configs`` with ``times[(provider, graph)]`` as the measured ms (nothing is built or run:
+    a CUDA plan is swept on a CPU-only machine)."""
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, nbytes: 1000.0)
+    monkeypatch.setattr(harness, "device_name", lambda device: "Fake GPU")
+
+    def run_config(c, device, policy, *, quick):
+        return harness.Timing(ms=times[(c.provider.name, c.graph)], steps=1, warmup_s=[0.0], copies=1), 1000, 1, 28
+
+    monkeypatch.setattr(harness, "run_config", run_config)
+    return harness.run_sweep(configs, torch.device("cuda"), FAST, quick=True, copy_bytes=1, progress=False)
+
+
+@pytest.mark.parametrize("optimizer, baseline, capturable", [
+    ("adamw", "torch-fused", True),
+    ("lamb", "torch-ops", True),  # torch.optim has no LAMB: LAMB in torch foreach ops
+    ("adafactor", "torch-adafactor", False),  # torch.optim.Adafactor reads scalars on the host: no graph rows
+])
+def test_every_row_has_a_ratio_to_its_optimizers_torch_baseline(monkeypatch, optimizer, baseline, capturable):
+    """Each optimizer names its baseline; every row of a sweep that includes it gets ratio_to_baseline (LAMB and
+    Adafactor rows had none: their only baseline was torch-fused). A graph row compares with the baseline's graph
+    replay, or with its eager step when the baseline cannot be captured."""
+    spec = bench.OPTIMIZERS[optimizer]
+    assert spec.baseline == baseline
+    # the baseline runs first, whatever order the providers are listed in
+    todo, _ = harness.plan([spec], [WORKLOADS["gpt2-small"]], [DTYPES["fp32"]], ["native", "triton", baseline],
+                           torch.device("cuda"), [False, True], quick=False, explicit_providers=True,
+                           explicit_workloads=True)
+    assert [(c.provider.name, c.graph) for c in todo] == (
+        [(baseline, False), ("triton", False), ("native", False)]
+        + ([(baseline, True)] if capturable else []) + [("triton", True), ("native", True)])
+    times = {(baseline, False): 10.0, (baseline, True): 8.0, ("triton", False): 2.0, ("triton", True): 1.0,
+             ("native", False): 4.0, ("native", True): 0.5}
+    result = _fake_sweep(monkeypatch, todo, times)
+    assert not result.errors and len(result.rows) == len(todo)
+    for row in result.rows:
+        base_graph = row["graph"] and capturable
+        assert row["baseline"] == baseline and row["baseline_graph"] is base_graph
+        want = times[(row["provider"], row["graph"])] / times[(baseline, base_graph)]
+        assert row["ratio_to_baseline"] == pytest.approx(want, rel=1e-6)
+        assert row["ratio_to_torch_fused"] == (row["ratio_to_baseline"] if baseline == "torch-fused" else None)
+    table = harness.format_table(result.rows)
+    assert "x base" in table.splitlines()[0]
+    assert table.splitlines()[-1].split()[-2] == format(result.rows[-1]["ratio_to_baseline"], ".2f")
+
+
+def test_gpu_verify_sweeps_run_each_optimizers_baseline():
+    """Every sweep of benchmarks/gpu_verify.sh that names its providers names the baseline of each of its optimizers
+    (the torch-compile sweep ran alone: its rows had no ratio)."""
+    import re
+    import shlex
+
+    text = (ROOT / "benchmarks" / "gpu_verify.sh").read_text().replace("\\\n", " ")
+    sweeps = [shlex.split(line.split("#")[0]) for line in text.splitlines()
+              if re.match(r"\s*(bench|sweep) .*--optimizer", line)]
+    assert len(sweeps) >= 5, sweeps
+    checked = 0
+    for words in sweeps:
+        if "--provider" not in words:
+            continue  # every provider of the optimizers named, their baselines among them
+        providers = words[words.index("--provider") + 1].split(",")
+        for name in words[words.index("--optimizer") + 1].split(","):
+            assert bench.OPTIMIZERS[name].baseline in providers, words
+        checked += 1
+    assert checked >= 4
 
 
 def test_time_steps_takes_the_median_and_flushes_outside_the_timing():
@@ -499,6 +568,36 @@ def test_rows_round_trip_through_jsonl_and_renderer(tmp_path, capsys):
     fused_lines = [ln for ln in render.render(render.read_rows(out_dir), tmp_path).splitlines()
                    if "| torch-fused |" in ln]
     assert len(fused_lines) == 1 and "| 1.234e+04 |" in fused_lines[0]
+
+
+def _row(tmp_path, **kw):
+    row = dict(device="Fake GPU", optimizer="adamw", provider="torch-fused", workload="gpt2-small", dtype="fp32",
+               ms=1.0, bytes_per_param=28, gbps=1.0, copy_gbps=1.0, bw_fraction=1.0, graph=False,
+               commit="0123456789ab", torch="2", triton="3", date="2026-01-01T00:00:00Z", n_params=1, n_tensors=1)
+    row.update(kw)
+    row["_file"] = tmp_path / "fake-gpu.jsonl"
+    return row
+
+
+def test_renderer_shows_each_optimizers_baseline(tmp_path):
+    render = _render_module()
+    rows = [
+        _row(tmp_path, ratio_to_torch_fused=0.9),  # before ratio_to_baseline: torch-fused was the baseline
+        _row(tmp_path, optimizer="lamb", provider="triton", ratio_to_torch_fused=None),  # ... and LAMB had none
+        _row(tmp_path, optimizer="lamb", provider="native", workload="many-small", baseline="torch-ops",
+             baseline_graph=False, ratio_to_baseline=0.25, ratio_to_torch_fused=None),
+        _row(tmp_path, optimizer="adafactor", provider="native", graph=True, baseline="torch-adafactor",
+             baseline_graph=False, ratio_to_baseline=0.125, ratio_to_torch_fused=None),
+    ]
+    text = render.render(rows, tmp_path)
+    assert ("its optimizer's baseline in the same run (same workload, dtype and graph mode): adamw torch-fused, "
+            "lamb torch-ops, adafactor torch-adafactor; graph rows against the eager step of torch-adafactor") in text
+    cells = {(r[0], r[1], r[5]): r for r in ([c.strip() for c in ln.strip("|").split("|")]
+                                             for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln)}
+    assert cells[("adamw", "gpt2-small", "torch-fused")][10] == "0.90"
+    assert cells[("lamb", "gpt2-small", "triton")][10] == "–"
+    assert cells[("lamb", "many-small", "native")][10] == "0.25"
+    assert cells[("adafactor", "gpt2-small", "native")][10] == "0.12"
 
 
 def test_renderer_without_results_says_so(tmp_path, capsys):

@@ -93,7 +93,8 @@ def list_everything(optimizers: dict) -> str:
     for spec in optimizers.values():
         mark = "" if spec.fused_available() else f"  [fused_optim.{spec.fused_class} not available yet]"
         lines.append(f"  {spec.name}: {spec.describe}{mark}")
-        lines.append(f"    providers: {', '.join(p.name for p in spec.providers)}")
+        lines.append(f"    providers: {', '.join(p.name for p in spec.providers)}; baseline (x base): "
+                     f"{spec.baseline}")
         for cfg in DTYPES.values():
             for label, model in spec.byte_models(cfg):
                 lines.append(f"    {cfg.name:12s} {label + ': ' if label else ''}{model.formula()}")

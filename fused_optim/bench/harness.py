@@ -276,6 +276,18 @@ class OptimizerSpec:
     lr: float = 1e-3  # what every provider of this optimizer is built with
     default: bool = True  # in the default sweep once its fused_optim class exists
     shape_classes: tuple = (("", None),)
+    # The provider every row's ratio_to_baseline divides by (same workload, dtype and graph mode, same run): torch's
+    # best implementation of this optimizer. One of ``providers``.
+    baseline: str = "torch-fused"
+
+    def __post_init__(self):
+        self.baseline_provider()  # raises when it is not one of the providers
+
+    def baseline_provider(self) -> Provider:
+        for p in self.providers:
+            if p.name == self.baseline:
+                return p
+        raise ValueError(f"{self.name}: baseline {self.baseline!r} is not one of its providers")
 
     def fused_available(self) -> bool:
         return getattr(fused_optim, self.fused_class, None) is not None
@@ -626,7 +638,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 20) -> float:
 
 PROVIDER_ORDER = ("torch-fused", "torch-forloop", "torch-foreach", "torch-compile", "torch-ops", "torch-adafactor",
                   "transformers", "reference", "triton", "native")
-BASELINE = "torch-fused"  # the ratio column: time / time of this provider, same optimizer, workload, dtype, graph
 
 
 @dataclass(frozen=True)
@@ -691,7 +702,9 @@ def plan(specs, workloads, dtypes, providers, device: torch.device, graph_modes,
     dev = device.type
     for spec in specs:
         provs = [p for p in spec.providers if providers is None or p.name in providers]
-        provs.sort(key=lambda p: PROVIDER_ORDER.index(p.name) if p.name in PROVIDER_ORDER else len(PROVIDER_ORDER))
+        # the spec's baseline first (its time is every later row's ratio_to_baseline), then PROVIDER_ORDER
+        provs.sort(key=lambda p: (p.name != spec.baseline,
+                                  PROVIDER_ORDER.index(p.name) if p.name in PROVIDER_ORDER else len(PROVIDER_ORDER)))
         for wl in workloads:
             if dev not in wl.devices:
                 skipped.append((f"{wl.name}", f"runs on {', '.join(wl.devices)} only"))
@@ -777,9 +790,12 @@ def _sig(x: float, digits: int = 5) -> float:
 
 
 def make_row(c: Config, timing: Timing, n_params: int, n_tensors: int, *, device: str, copy_gbps: float,
-             meta: dict, baseline_ms: float | None, bytes_per_param: float) -> dict:
+             meta: dict, baseline_ms: float | None, bytes_per_param: float, baseline_graph: bool | None = None) -> dict:
     """One JSON row. ``bytes_per_param``: the workload's (:func:`workload_bytes`); stored as an int when it is
-    one (every tensor has the same model), else to 4 decimals (GB/s is computed from the exact value)."""
+    one (every tensor has the same model), else to 4 decimals (GB/s is computed from the exact value).
+    ``baseline_ms``: the time of ``c.spec.baseline`` in this run (None when it did not run), eager or replayed
+    from a CUDA graph as ``baseline_graph`` says. ``ratio_to_torch_fused`` is kept for the optimizers whose
+    baseline torch-fused is (the rows' key before ``ratio_to_baseline``), null for the others."""
     bpp = bytes_per_param
     gbps = n_params * bpp / (timing.ms / 1e3) / 1e9
     row = {
@@ -800,7 +816,11 @@ def make_row(c: Config, timing: Timing, n_params: int, n_tensors: int, *, device
         "date": meta["date"],
         "n_params": n_params,
         "n_tensors": n_tensors,
-        "ratio_to_torch_fused": _sig(timing.ms / baseline_ms, 4) if baseline_ms else None,
+        "baseline": c.spec.baseline,
+        "baseline_graph": baseline_graph if baseline_ms else None,
+        "ratio_to_baseline": _sig(timing.ms / baseline_ms, 4) if baseline_ms else None,
+        "ratio_to_torch_fused": (_sig(timing.ms / baseline_ms, 4) if baseline_ms and c.spec.baseline == "torch-fused"
+                                 else None),
     }
     if c.provider.compiles:
         row["compile_s"] = _sig(timing.compile_s, 3)
@@ -830,10 +850,14 @@ def run_sweep(configs: list, device: torch.device, policy: TimingPolicy, *, quic
                 result.errors.append((c.label(), f"{type(exc).__name__}: {exc}"))
             else:
                 key = (c.spec.name, c.workload.name, c.cfg.name, c.graph)
-                if c.provider.name == BASELINE:
+                if c.provider.name == c.spec.baseline:
                     baselines[key] = timing.ms
+                # A graph row's baseline is the baseline's graph replay; its eager step when it cannot be captured
+                # (torch.optim.Adafactor reads scalars on the host): what the graph saves is then part of the ratio.
+                base_key = key[:3] + (c.graph and c.spec.baseline_provider().graph,)
                 row = make_row(c, timing, n_params, n_tensors, device=result.device, copy_gbps=result.copy_gbps,
-                               meta=meta, baseline_ms=baselines.get(key), bytes_per_param=bpp)
+                               meta=meta, baseline_ms=baselines.get(base_key), bytes_per_param=bpp,
+                               baseline_graph=base_key[3])
                 result.rows.append(row)
                 if on_row:
                     on_row(row)
@@ -907,18 +931,24 @@ def latest(rows) -> list:
     return list(best.values())
 
 
+def ratio_to_baseline(row: dict):
+    """The row's time over its optimizer's baseline's (rows written before ``ratio_to_baseline`` existed have only
+    ``ratio_to_torch_fused``, whose baseline was torch-fused)."""
+    return row["ratio_to_baseline"] if "ratio_to_baseline" in row else row.get("ratio_to_torch_fused")
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
 def format_table(rows, copy_gbps: float | None = None, device: str = "") -> str:
-    """The stdout table: one line per row."""
+    """The stdout table: one line per row ("x base": ``ratio_to_baseline``)."""
     head = ("optimizer", "workload", "params", "dtype", "provider", "graph", "ms", "GB/s", "bw_frac",
-            "x fused", "compile_s")
+            "x base", "compile_s")
     lines = [[
         r["optimizer"], r["workload"], _human(r.get("n_params")), r["dtype"], r["provider"],
         "yes" if r["graph"] else "no", _fmt(r["ms"], ".4g"), _fmt(r["gbps"], ".1f"), _fmt(r["bw_fraction"], ".3f"),
-        _fmt(r.get("ratio_to_torch_fused"), ".2f"), _fmt(r.get("compile_s"), ".1f"),
+        _fmt(ratio_to_baseline(r), ".2f"), _fmt(r.get("compile_s"), ".1f"),
     ] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
     out = []
