@@ -292,6 +292,25 @@ def test_gpu_verify_sweeps_run_each_optimizers_baseline():
     assert checked >= 4
 
 
+def test_gpu_verify_gives_every_sweep_its_floor():
+    """benchmarks/gpu_verify.sh runs the benchmark sweeps right after the build, and the floors of the sweeps (the
+    least time each needs; torch.compile's compile alone took 46 s) fit what a build cut at its cap leaves of the
+    deadline. Before, the GPU tests ran first: if they used their cap, the sweeps got 80/40/30/10/30 s."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_verify.sh").read_text()
+    stages = re.search(r"^ALL_STAGES=\((.*)\)$", text, re.M).group(1).split()
+    assert stages[0] == "bench", stages
+    deadline = int(re.search(r"DEADLINE=\$\{GPU_VERIFY_DEADLINE:-(\d+)\}", text).group(1))
+    build_cap = int(re.search(r'in_group "\$\(limit (\d+) \d+\)" "\$PY" -m pip install', text).group(1))
+    sweeps = [(int(cap), int(floor)) for cap, floor in re.findall(r"^\s*sweep (\d+) (\d+) --optimizer", text, re.M)]
+    assert len(sweeps) == 5 and all(10 <= floor <= cap for cap, floor in sweeps), sweeps
+    assert dict(zip(("adamw", "others", "big", "bf16", "compile"), sweeps))["compile"][1] >= 60
+    env_and_checks = 30  # env.txt, the import check, the query of the optimizers: 10-20 s
+    assert deadline - build_cap - env_and_checks >= sum(floor for _, floor in sweeps) + 10
+    assert re.search(r"^PY=\$\{PYTHON:-\$\(command -v python \|\| command -v python3\)\}$", text, re.M)
+
+
 def test_time_steps_takes_the_median_and_flushes_outside_the_timing():
     calls, flushes = [], []
 
