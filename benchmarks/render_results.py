@@ -7,7 +7,9 @@
 
 README.md holds the generated section between ``<!-- results:begin -->`` and ``<!-- results:end -->``; nothing in
 it is typed by hand. Per device (GPUs first), the latest row of each configuration (optimizer, workload and size,
-dtype, provider, graph) is shown, with the commits, versions and dates of the runs those rows come from.
+dtype, provider, graph) is shown, with the commits, versions and dates of the runs those rows come from. The latest
+rows can come from several runs (one cut short, a later sweep of some configurations), so every row names its
+commit.
 
 Standard library only: it runs in CI without torch. The JSONL rows are written by ``python -m fused_optim bench``
 (``fused_optim/bench/harness.py``); benchmarks/README.md says what each column means.
@@ -89,6 +91,14 @@ def baseline(row: dict) -> str | None:
     return row.get("baseline") or "torch-fused"
 
 
+def short_commit(commit: str) -> str:
+    """``0123456789ab-dirty`` -> ``0123456-dirty``; anything not a hash ("unknown") as it is."""
+    head, dirty, _ = str(commit).partition("-dirty")
+    if re.fullmatch(r"[0-9a-f]{8,40}", head):
+        head = head[:7]
+    return head + dirty
+
+
 def _num(x, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
@@ -140,8 +150,8 @@ def render(rows, link_base: Path) -> str:
                       if eager else "") + "; – where the baseline did not run.")
         out.append("")
         out.append("| optimizer | workload | params | tensors | dtype | provider | graph | ms | GB/s | bw_fraction "
-                   "| × baseline time |")
-        out.append("|---|---|---:|---:|---|---|---|---:|---:|---:|---:|")
+                   "| × baseline time | commit |")
+        out.append("|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---|")
         for r in sub:
             compile_note = f" (compile {r['compile_s']:.0f} s)" if r.get("compile_s") is not None else ""
             out.append(
@@ -149,7 +159,7 @@ def render(rows, link_base: Path) -> str:
                 f"| {_num(r.get('n_tensors'), 'd')} "
                 f"| {r['dtype']} | {r['provider']}{compile_note} | {'yes' if r['graph'] else 'no'} "
                 f"| {_num(r['ms'], '.4g')} | {_num(r['gbps'], ',.1f')} | {_num(r['bw_fraction'], '.3f')} "
-                f"| {_num(ratio_to_baseline(r), '.2f')} |")
+                f"| {_num(ratio_to_baseline(r), '.2f')} | `{short_commit(r['commit'])}` |")
         out.append("")
         pngs = sorted({r["_file"].with_suffix(".png") for r in sub if r["_file"].with_suffix(".png").is_file()})
         for png in pngs:

@@ -575,6 +575,7 @@ def test_rows_round_trip_through_jsonl_and_renderer(tmp_path, capsys):
     assert cells[:4] == ["adamw", "gpt2-small", render._params(rows[1]["n_params"]), "148"]
     assert cells[7] == format(rows[1]["ms"], ".4g") and cells[9] == format(rows[1]["bw_fraction"], ".3f")
     assert cells[10] == format(rows[1]["ratio_to_torch_fused"], ".2f")
+    assert cells[11] == f"`{render.short_commit(rows[1]['commit'])}`"  # each row names its commit
     if png.is_file():
         assert f"](results/{png.name})" in text  # relative to the README's folder
     readme.write_text(text.replace("| torch-foreach |", "| torch-foreach* |"))
@@ -617,6 +618,14 @@ def test_renderer_shows_each_optimizers_baseline(tmp_path):
     assert cells[("lamb", "gpt2-small", "triton")][10] == "–"
     assert cells[("lamb", "many-small", "native")][10] == "0.25"
     assert cells[("adafactor", "gpt2-small", "native")][10] == "0.12"
+    # rows of different runs side by side: each names its commit
+    rows[2]["commit"] = "fedcba987654-dirty"
+    cells = {(r[0], r[1], r[5]): r for r in ([c.strip() for c in ln.strip("|").split("|")]
+                                             for ln in render.render(rows, tmp_path).splitlines()
+                                             if ln.startswith("| ") and "---" not in ln)}
+    assert cells[("adamw", "gpt2-small", "torch-fused")][11] == "`0123456`"
+    assert cells[("lamb", "many-small", "native")][11] == "`fedcba9-dirty`"
+    assert render.short_commit("unknown") == "unknown"
 
 
 def test_renderer_without_results_says_so(tmp_path, capsys):
