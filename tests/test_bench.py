@@ -688,3 +688,16 @@ def test_cpu_denominator_is_an_in_place_add_counting_three_passes(monkeypatch):
     monkeypatch.setattr(harness, "time_steps", fake_time_steps)
     n_bytes = 4 * 1000
     assert harness.copy_bandwidth(torch.device("cpu"), n_bytes) == pytest.approx(3 * n_bytes / 1e-3 / 1e9)
+
+
+def test_docs_name_the_cpu_denominator_the_code_measures():
+    """benchmarks/README.md said the CPU denominator was ``dst.copy_(src)`` (2n bytes) while copy_bandwidth times
+    ``dst += src`` and counts 3n: the Timing section and the column table must both say in-place add."""
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    timing = text[text.index("## Timing"):text.index("## Columns")]
+    copy_item = timing[timing.index("* Copy bandwidth"):]
+    assert "`dst += src`" in copy_item and "3n" in copy_item
+    assert "on the CPU torch's multi-threaded copy" not in copy_item
+    columns = text[text.index("## Columns"):]
+    assert "on the CPU an in-place add `dst += src`" in columns
+    assert "in-place add ``dst += src`` on the CPU" in (ROOT / "fused_optim" / "bench" / "harness.py").read_text()

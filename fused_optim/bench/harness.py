@@ -14,7 +14,8 @@ and the fused_optim class it benchmarks. Everything else is here and is the same
 * on a GPU each workload is also timed with the step captured in a CUDA graph (launch overhead removed) where
   the provider can be captured;
 * GB/s = n_params x bytes_per_param / time, with the byte model the optimizer states in code; the denominator
-  of ``bw_fraction`` is a large copy (bytes read + written) measured in the same run;
+  of ``bw_fraction`` is a large streaming pass measured in the same run, bytes read + written: a device-to-device
+  copy on a GPU, an in-place add ``dst += src`` on the CPU (:func:`copy_bandwidth`);
 * rows go to stdout as a table, and are appended as JSON Lines to ``<out>/<device-slug>.jsonl``; a PNG plot of
   ``bw_fraction`` per provider and workload is drawn from that file.
 
