@@ -1,5 +1,5 @@
 // Memory layouts the elementwise kernels take (Adam, LAMB; fused_optim/tables.py states the same checks in Python:
-// dense, laid_out_like, _laid_out).
+// dense, laid_out_like, laid_out).
 //
 // The engines walk each operand's memory flat: element k of a param's memory is updated with element k of its
 // grad's and of each state tensor's. So a param can have any dense layout (contiguous, torch.channels_last, a

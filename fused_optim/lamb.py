@@ -239,12 +239,11 @@ class FusedLAMB(FusedOptimizer):
         tensor, one all-reduce per mesh dimension it is sharded on; every rank steps the same buckets in the same
         order, as FSDP2 gives every rank a grad (possibly empty) of every param."""
         out = {}
-        shards = {}
         for b in buckets:
             if b.sharded:
-                shards[b.key] = _ShardSums([b.group["params"][i] for i in b.index])
-                if shards[b.key].parts:
-                    out[b.key] = {"reduce_sums": shards[b.key]}
+                reduce = _ShardSums([b.group["params"][i] for i in b.index])
+                if reduce.parts:
+                    out[b.key] = {"reduce_sums": reduce}
         max_grad_norm = self.param_groups[0]["max_grad_norm"]  # the same in every group (_check_groups)
         if max_grad_norm is None:
             return out
@@ -291,12 +290,12 @@ class _ShardSums:
         import torch.distributed as dist
 
         for groups, index in self.parts:
-            whole = len(index) == self.n
-            part = sums if whole else sums[..., torch.tensor(index, device=sums.device)]
+            at = None if len(index) == self.n else torch.tensor(index, device=sums.device)
+            part = sums if at is None else sums[..., at]  # a copy: reduced, then written back
             for group in groups:
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
-            if not whole:
-                sums[..., torch.tensor(index, device=sums.device)] = part
+            if at is not None:
+                sums[..., at] = part
         return sums
 
     def of_tensor(self, i: int):

@@ -82,7 +82,7 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
     the states ``names``; returns ``(_MATCH, grads)``, ``(_MOVED, grads)`` (only addresses differ from
     ``addresses``) or ``(_CHANGED, None)`` (a missing or sparse grad, a state that appeared or went, another dtype
     or shape of a param or of its grad, a param not contiguous (with ``dense_layouts``: not dense), a grad or state
-    tensor laid out unlike its param (``tables._laid_out``), a state tensor of another dtype or size (``numels``,
+    tensor laid out unlike its param (``tables.laid_out``), a state tensor of another dtype or size (``numels``,
     -1: any), a tensor not on ``device``, anything unexpected: take the full path). The addresses read are written
     into ``found``."""
     n = len(shapes)
@@ -114,7 +114,7 @@ def _plan_match_py(params: list, states: list, names: list, present: list, param
                 return _CHANGED, None  # a state appeared or went: lazy init decides
             # A non-tensor raises; a tensor at an unchanged address can still have another size or dtype.
             if not all(v is None or (v.layout is torch.strided and v.dtype is state_dtype
-                                     and (v.is_contiguous() if flat else tables._laid_out(v, p))
+                                     and (v.is_contiguous() if flat else tables.laid_out(v, p))
                                      and want in (-1, v.numel()) and v.device == device)
                        for v, want, p in zip(values, numels[j * n:(j + 1) * n], params)):
                 return _CHANGED, None

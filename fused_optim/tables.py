@@ -157,12 +157,12 @@ def check_operands(operands: dict, expect: dict, device: torch.device | None = N
             if (list(map(_NUMEL, tensors)) == want
                     and (not state or all(map(is_, map(_DTYPE, tensors), repeat(STATE_DTYPE))))
                     and (all(map(_CONTIGUOUS, tensors)) if flat or name in SCALAR_OPERANDS
-                         else all(map(_laid_out, tensors, params)))
+                         else all(map(laid_out, tensors, params)))
                     and (device is None or all(map(device.__eq__, map(_DEVICE, tensors))))):
                 continue
         elif all(t is None or ((n is None or t.numel() == n)
                                and (not state or t.dtype is STATE_DTYPE)
-                               and _laid_out(t, p)
+                               and laid_out(t, p)
                                and (device is None or t.device == device))
                  for t, n, p in zip(tensors, want, params)):
             continue
@@ -178,7 +178,7 @@ def check_operands(operands: dict, expect: dict, device: torch.device | None = N
                 raise ValueError(f"{at} has {t.numel()} elements, expected {n} for its param; {fix}")
             if state and t.dtype is not STATE_DTYPE:
                 raise ValueError(f"{at} has dtype {t.dtype}, expected {STATE_DTYPE}; {fix}")
-            if not _laid_out(t, p):
+            if not laid_out(t, p):
                 if t.numel() != p.numel():
                     raise ValueError(f"{at} is not contiguous (strides {tuple(t.stride())}); {fix}")
                 if state:
@@ -195,7 +195,7 @@ def check_operands(operands: dict, expect: dict, device: torch.device | None = N
                 raise ValueError(f"{at} is on {t.device}, its param on {device}; {fix}")
 
 
-def _laid_out(t: torch.Tensor, param: torch.Tensor) -> bool:
+def laid_out(t: torch.Tensor, param: torch.Tensor) -> bool:
     """The layout :func:`check_operands` asks of an operand tensor ``t`` of ``param``: laid out like the param when
     the kernels pair the two element by element (``t`` has the param's element count), else contiguous."""
     return laid_out_like(t, param) if t.numel() == param.numel() else t.is_contiguous()
