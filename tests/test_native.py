@@ -456,7 +456,7 @@ def test_cuda_graph_mixed_alignment_and_scaler_skip():
         ps = [torch.randn(s, generator=g).requires_grad_() for s in [(4097,), (), (0,), (33, 65)]]
         ps += [torch.nn.Parameter(buf[1:4100].clone()), torch.nn.Parameter(buf[:9001].clone())]
         ps = [torch.nn.Parameter(p.detach().to(dev)) for p in ps]
-        flat = torch.randn(12000, device=dev)
+        flat = torch.randn(12000, generator=g).to(dev)  # seeded: the three copies must start equal
         return ps + [torch.nn.Parameter(flat[3:4103]), torch.nn.Parameter(flat[4105:11000])]
     pg, pe, pr = make(), make(), make()
     og = fused_optim.FusedAdam(pg, lr=torch.tensor(1e-2, device=dev), weight_decay=0.1, backend="native")
