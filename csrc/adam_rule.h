@@ -80,10 +80,16 @@ FO_HD FO_INLINE AdamCoefficients adam_coefficients(double lr, double beta1, doub
 }
 
 // The Adam moment update, shared with LAMB: m = lerp(m, g, 1 - β1); v = β2 v + (1 - β2) g², rounded as torch
-// rounds exp_avg.lerp_(g, 1 - β1) and exp_avg_sq.mul_(β2).addcmul_(g, g, 1 - β2): fma((1 - β2) g, g, β2 v).
+// rounds exp_avg.lerp_(g, 1 - β1) and exp_avg_sq.mul_(β2).addcmul_(g, g, 1 - β2) on the device the code runs on:
+// torch's CPU addcmul is fma((1 - β2) g, g, β2 v), its CUDA addcmul fma(1 - β2, g g, β2 v) (ATen's
+// pointwise_op_impl rounds the product of the two tensors first). The two differ in the last bit of v.
 FO_HD FO_INLINE void adam_moments(float g, float& m, float& v, const MomentCoefficients& c) {
   m = lerp(m, g, c.one_minus_beta1);
+#ifdef __CUDA_ARCH__
+  v = fma_rn(c.one_minus_beta2, mul_rn(g, g), mul_rn(v, c.beta2));
+#else
   v = fma_rn(mul_rn(c.one_minus_beta2, g), g, mul_rn(v, c.beta2));
+#endif
 }
 
 // Kernel arguments of one Adam launch. Operand tables in the order of fused_optim.native.ADAM_OPERANDS.

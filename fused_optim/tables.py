@@ -140,6 +140,8 @@ def check_operands(operands: dict, expect: dict, device: torch.device | None = N
     naming the first that is not (its param as ``where(i)`` says, e.g. "param 3 of param group 1"), before
     anything is written: the kernels would read and write it out of bounds or misread it. Runs whenever a table is
     built or reused with operand lists read afresh; the all-good case costs about 0.25 us a tensor."""
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" is the current device, as torch reads it
     params = next(iter(operands.values()))
     flat = all(map(_CONTIGUOUS, params))  # then "laid out like its param" is "contiguous"
     for name, tensors in list(operands.items())[1:]:

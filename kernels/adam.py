@@ -49,11 +49,15 @@ def _lerp(start, end, weight):
 def adam_moments(g, m, v, beta1_c, one_minus_beta1, beta2_c, one_minus_beta2):
     """The Adam moment update, shared with LAMB: m = lerp(m, g, 1 - β1); v = β2 v + (1 - β2) g².
 
-    Rounded as torch rounds ``exp_avg.lerp_(g, 1 - β1)`` and ``exp_avg_sq.mul_(β2).addcmul_(g, g, 1 - β2)``:
-    addcmul is fma((1 - β2) g, g, β2 v).
+    Rounded as torch rounds ``exp_avg.lerp_(g, 1 - β1)`` and ``exp_avg_sq.mul_(β2).addcmul_(g, g, 1 - β2)`` on the
+    device the kernel runs for (``engine.CUDA_ROUNDING``): torch's CUDA addcmul is fma(1 - β2, g g, β2 v) (ATen's
+    pointwise_op_impl rounds the product of the two tensors first), its CPU addcmul fma((1 - β2) g, g, β2 v).
     """
     m = _lerp(m, g, one_minus_beta1)
-    v = tl.fma(one_minus_beta2 * g, g, v * beta2_c)
+    if engine.CUDA_ROUNDING:
+        v = tl.fma(one_minus_beta2, g * g, v * beta2_c)
+    else:
+        v = tl.fma(one_minus_beta2 * g, g, v * beta2_c)
     return m, v
 
 

@@ -82,6 +82,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Compiled, the kernels run on CUDA tensors; under the interpreter, on CPU tensors (Triton reads TRITON_INTERPRET when
+# a kernel is defined, as this does at import). Where torch rounds one pointwise op differently on the two devices
+# (addcmul: adam.adam_moments), a kernel rounds as the torch of its device, so that it matches the reference there.
+CUDA_ROUNDING = tl.constexpr(not interpreting())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Device-side helpers, called from the rules.
 # --------------------------------------------------------------------------------------------------------------

@@ -513,7 +513,7 @@ def test_a_param_listed_twice_is_refused(backend):
     """torch.optim warns of a param listed twice in a group (and will refuse it); a fused launch would update it
     twice, racing on a GPU (the native CPU engine took one update and counted one step where torch counts two).
     Refused when the group is added, on every backend; the group is not added."""
-    p, q = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    p, q = torch.nn.Parameter(torch.zeros(4, device=DEVICE)), torch.nn.Parameter(torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match=r"FusedAdamW: param group 0 lists the same param twice \(at 0 and 2\)"):
         fused_optim.FusedAdamW([p, q, p], backend=backend)
     opt = fused_optim.FusedLAMB([p], backend=backend)

@@ -102,7 +102,7 @@ def test_reference_matches_float64_formula(max_grad_norm):
     opt = FusedLAMB([dict(params=params[j::3], **spec) for j, spec in enumerate(REF_GROUPS)], lr=LR,
                     backend="reference", max_grad_norm=max_grad_norm)
     hps = [dict(SPEC_DEFAULTS, **REF_GROUPS[i % len(REF_GROUPS)]) for i in range(len(params))]
-    thetas = [p.detach().numpy().copy() for p in params]
+    thetas = [p.detach().cpu().numpy().copy() for p in params]
     ms = [np.zeros_like(t) for t in thetas]
     vs = [np.zeros_like(t) for t in thetas]
     clipped = 0
@@ -114,7 +114,7 @@ def test_reference_matches_float64_formula(max_grad_norm):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-        g64 = [g.numpy() for g in grads]
+        g64 = [g.cpu().numpy() for g in grads]
         c = global_clip_f64(g64, max_grad_norm)
         clipped += c < 1.0
         for i, hp in enumerate(hps):
@@ -130,9 +130,9 @@ def test_reference_matches_float64_formula(max_grad_norm):
     for i, p in enumerate(params):
         st = opt.state[p]
         scale = max(1.0, float(np.abs(thetas[i]).max()))
-        np.testing.assert_allclose(p.detach().numpy(), thetas[i], rtol=0, atol=1e-12 * scale, err_msg=f"param {i}")
-        np.testing.assert_allclose(st["exp_avg"].numpy(), ms[i], rtol=1e-12, atol=1e-300, err_msg=f"exp_avg {i}")
-        np.testing.assert_allclose(st["exp_avg_sq"].numpy(), vs[i], rtol=1e-12, atol=1e-300,
+        np.testing.assert_allclose(p.detach().cpu().numpy(), thetas[i], rtol=0, atol=1e-12 * scale, err_msg=f"param {i}")
+        np.testing.assert_allclose(st["exp_avg"].cpu().numpy(), ms[i], rtol=1e-12, atol=1e-300, err_msg=f"exp_avg {i}")
+        np.testing.assert_allclose(st["exp_avg_sq"].cpu().numpy(), vs[i], rtol=1e-12, atol=1e-300,
                                    err_msg=f"exp_avg_sq {i}")
         assert float(st["step"]) == STEPS
     assert (clipped == STEPS) if max_grad_norm else (clipped == 0)
@@ -561,7 +561,7 @@ def test_max_grad_norm_is_read_from_the_groups(backend):
     step, before anything is touched; a group added later takes the optimizer's value."""
     def run(constructed, *, edit=..., load=None, steps=3):
         torch.manual_seed(0)
-        w = torch.nn.Parameter(torch.randn(8, 8))
+        w = torch.nn.Parameter(torch.randn(8, 8).to(DEVICE))
         opt = FusedLAMB([w], lr=1e-2, max_grad_norm=constructed, backend=backend)
         if load is not None:
             opt.load_state_dict(load)
