@@ -130,7 +130,8 @@ def test_reference_matches_float64_formula(max_grad_norm):
     for i, p in enumerate(params):
         st = opt.state[p]
         scale = max(1.0, float(np.abs(thetas[i]).max()))
-        np.testing.assert_allclose(p.detach().cpu().numpy(), thetas[i], rtol=0, atol=1e-12 * scale, err_msg=f"param {i}")
+        np.testing.assert_allclose(p.detach().cpu().numpy(), thetas[i], rtol=0, atol=1e-12 * scale,
+                                   err_msg=f"param {i}")
         np.testing.assert_allclose(st["exp_avg"].cpu().numpy(), ms[i], rtol=1e-12, atol=1e-300, err_msg=f"exp_avg {i}")
         np.testing.assert_allclose(st["exp_avg_sq"].cpu().numpy(), vs[i], rtol=1e-12, atol=1e-300,
                                    err_msg=f"exp_avg_sq {i}")
