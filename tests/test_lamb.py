@@ -583,19 +583,19 @@ def test_max_grad_norm_is_read_from_the_groups(backend):
     _, saved = run(None, steps=0)
     assert torch.equal(run(0.1, load=saved.state_dict())[0], unclipped)
 
-    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    p, q = torch.nn.Parameter(torch.ones(4, device=DEVICE)), torch.nn.Parameter(torch.ones(4, device=DEVICE))
     opt = FusedLAMB([p], max_grad_norm=None, backend=backend)
     opt.param_groups[0]["max_grad_norm"] = 1.0
     opt.add_param_group(dict(params=[q]))
     assert opt.param_groups[1]["max_grad_norm"] == 1.0  # the optimizer's, as the groups hold it
-    p.grad, q.grad = torch.ones(4), torch.ones(4)
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
     opt.param_groups[1]["max_grad_norm"] = 2.0
     with pytest.raises(ValueError, match=r"param group 1 has max_grad_norm=2\.0 but param group 0 has 1\.0"):
         opt.step()
     opt.param_groups[0]["max_grad_norm"] = opt.param_groups[1]["max_grad_norm"] = -1.0
     with pytest.raises(ValueError, match=r"param group 0: invalid max_grad_norm -1\.0"):
         opt.step()
-    assert len(opt.state) == 0 and torch.equal(p.detach(), torch.ones(4))  # nothing touched
+    assert len(opt.state) == 0 and torch.equal(p.detach(), torch.ones_like(p))  # nothing touched
 
 
 def test_exported():
